@@ -1,0 +1,112 @@
+//! What the user typed: the `moerge` command line, parsed by clap.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// moerge keeps a library of LoRA experts fine-tuned from one base model and serves fused
+/// models built from them. These offline commands work on folders directly, without a daemon.
+#[derive(Debug, Parser)]
+#[command(name = "moerge", version, about, long_about = None, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// Log more (repeat for more detail); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Describe a PEFT LoRA adapter folder: rank, alpha, scale, targets, shapes, hash, state.
+    Inspect(InspectArgs),
+    /// Write the logits of one forward pass over TEXT to a safetensors file.
+    Logits(LogitsArgs),
+    /// Mean negative log-likelihood per token of COMPLETION after PROMPT.
+    Score(ScoreArgs),
+    /// Continue PROMPT, streaming the text to stdout (greedy unless --temperature > 0).
+    Generate(GenerateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// Adapter folder (adapter_config.json + adapter_model.safetensors) or hub id org/name[@rev].
+    pub adapter: String,
+    /// Also check compatibility with this base model folder or hub id.
+    #[arg(long)]
+    pub base: Option<String>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Which model to run: a base, optionally with one adapter attached.
+#[derive(Debug, Args)]
+pub struct ModelArgs {
+    /// Base model folder (config.json, model.safetensors, tokenizer.json) or hub id org/name[@rev].
+    #[arg(long)]
+    pub base: String,
+    /// Attach this LoRA adapter (folder or hub id), unmerged.
+    #[arg(long)]
+    pub adapter: Option<String>,
+    /// Compute precision.
+    #[arg(long, value_enum, default_value_t = PrecisionArg::F32)]
+    pub precision: PrecisionArg,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum PrecisionArg {
+    F32,
+    Bf16,
+}
+
+#[derive(Debug, Args)]
+pub struct LogitsArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Text to run (tokenized without special tokens; batch 1, no padding).
+    #[arg(long)]
+    pub text: String,
+    /// Output file: `logits` f32 [T, vocab] and `input_ids` i64 [T].
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct ScoreArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The context.
+    #[arg(long)]
+    pub prompt: String,
+    /// The text whose tokens are scored.
+    #[arg(long)]
+    pub completion: String,
+    /// Print JSON with the per-token values.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The text to continue.
+    #[arg(long)]
+    pub prompt: String,
+    /// Maximum number of new tokens.
+    #[arg(long, default_value_t = 64)]
+    pub max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    /// Nucleus sampling mass, in (0, 1].
+    #[arg(long)]
+    pub top_p: Option<f64>,
+    /// Sampler seed, to repeat a sampled generation.
+    #[arg(long, default_value_t = 299_792_458)]
+    pub seed: u64,
+    /// Stop at the first occurrence of this text (e.g. "\n"); may be repeated.
+    #[arg(long)]
+    pub stop: Vec<String>,
+}

@@ -1,0 +1,4 @@
+//! One module per subcommand family; each returns the process exit code.
+
+pub mod inspect;
+pub mod model;

@@ -1,0 +1,41 @@
+//! `moerge`: the command-line front end. Parsing lives in `args`, each command in `commands`;
+//! this file only wires them together and turns errors into an exit code.
+
+mod args;
+mod commands;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = args::Cli::parse();
+    init_tracing(cli.verbose);
+    let result = match cli.command {
+        args::Command::Inspect(a) => commands::inspect::run(&a),
+        args::Command::Logits(a) => commands::model::logits(&a),
+        args::Command::Score(a) => commands::model::score(&a),
+        args::Command::Generate(a) => commands::model::generate(&a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}

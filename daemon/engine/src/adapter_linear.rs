@@ -1,0 +1,141 @@
+//! The adapter-aware linear layer: `W x + b + scale · B (A x)`, the unit every fusion plan acts on.
+//!
+//! PEFT computes a LoRA'd linear as `base(x) + lora_B(lora_A(x)) * scaling`: the scale
+//! multiplies the low-rank path only, never the base output (candle-lora once got this
+//! wrong). We store `scale · B` once when an adapter is attached, which is the same
+//! product with the scale still outside `A x`, and saves one op per call.
+
+use candle_core::{DType, Module, Tensor};
+
+use crate::error::Result;
+
+/// One low-rank update attached to a linear layer.
+#[derive(Debug, Clone)]
+struct LoraPath {
+    /// `Aᵀ`, shape `[in, r]`, in the model's compute dtype.
+    a_t: Tensor,
+    /// `(scale · B)ᵀ`, shape `[r, out]`.
+    scaled_b_t: Tensor,
+}
+
+/// A linear layer of a base model that can carry a LoRA update.
+#[derive(Debug, Clone)]
+pub struct AdapterLinear {
+    /// Module path as PEFT names it, e.g. `model.layers.0.self_attn.q_proj`.
+    name: String,
+    /// `[out, in]`, as stored in the checkpoint.
+    weight: Tensor,
+    bias: Option<Tensor>,
+    lora: Option<LoraPath>,
+}
+
+impl AdapterLinear {
+    /// A plain linear layer (`weight` is `[out, in]`, `bias` is `[out]`).
+    pub fn new(name: impl Into<String>, weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self {
+            name: name.into(),
+            weight,
+            bias,
+            lora: None,
+        }
+    }
+
+    /// The module path PEFT would use for this layer.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `(out_features, in_features)`.
+    pub fn shape(&self) -> (usize, usize) {
+        let dims = self.weight.dims();
+        (dims[0], dims[1])
+    }
+
+    /// The base weight `[out, in]`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// The base bias, if any.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    /// Whether a low-rank update is attached.
+    pub fn has_lora(&self) -> bool {
+        self.lora.is_some()
+    }
+
+    /// Attaches `scale · B A` given as `a` `[r, in]` and `b` `[out, r]` (any float dtype;
+    /// converted to the layer's dtype). Replaces any update already attached.
+    pub fn set_lora(&mut self, a: &Tensor, b: &Tensor, scale: f64) -> Result<()> {
+        let dtype = self.weight.dtype();
+        let (out, inp) = self.shape();
+        let (r, a_in) = a.dims2()?;
+        let (b_out, b_r) = b.dims2()?;
+        if a_in != inp || b_out != out || b_r != r {
+            return Err(crate::EngineError::InvalidArgument {
+                argument: "lora factors",
+                message: format!(
+                    "module {}: A is [{r}, {a_in}] and B is [{b_out}, {b_r}], \
+                     but the layer needs A [r, {inp}] and B [{out}, r]",
+                    self.name
+                ),
+            });
+        }
+        // Scale in f32 before any narrowing so a bf16 model rounds once, not twice.
+        let scaled_b = (b.to_dtype(DType::F32)? * scale)?.to_dtype(dtype)?;
+        self.lora = Some(LoraPath {
+            a_t: a.to_dtype(dtype)?.t()?.contiguous()?,
+            scaled_b_t: scaled_b.t()?.contiguous()?,
+        });
+        Ok(())
+    }
+
+    /// Removes the low-rank update, leaving the base layer.
+    pub fn clear_lora(&mut self) {
+        self.lora = None;
+    }
+
+    /// The base output `x Wᵀ + b` only, ignoring any update.
+    pub fn forward_base(&self, x: &Tensor) -> Result<Tensor> {
+        let (x2, lead) = flatten(x)?;
+        let y = self.base_2d(&x2)?;
+        Ok(unflatten(y, &lead)?)
+    }
+
+    fn base_2d(&self, x2: &Tensor) -> candle_core::Result<Tensor> {
+        // `t()` is a strided view; the CPU gemm reads it without a copy.
+        let y = x2.matmul(&self.weight.t()?)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+impl Module for AdapterLinear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (x2, lead) = flatten(x)?;
+        let mut y = self.base_2d(&x2)?;
+        if let Some(lora) = &self.lora {
+            let delta = x2.matmul(&lora.a_t)?.matmul(&lora.scaled_b_t)?;
+            y = (y + delta)?;
+        }
+        unflatten(y, &lead)
+    }
+}
+
+/// `[..., in]` → `[n, in]` plus the leading dims, so every matmul is one 2-D gemm.
+fn flatten(x: &Tensor) -> candle_core::Result<(Tensor, Vec<usize>)> {
+    let dims = x.dims();
+    let (lead, last) = dims.split_at(dims.len() - 1);
+    let n = lead.iter().product::<usize>();
+    Ok((x.reshape((n, last[0]))?, lead.to_vec()))
+}
+
+fn unflatten(y: Tensor, lead: &[usize]) -> candle_core::Result<Tensor> {
+    let mut dims = lead.to_vec();
+    dims.push(y.dim(1)?);
+    y.reshape(dims)
+}

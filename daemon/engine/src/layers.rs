@@ -1,0 +1,163 @@
+//! Pieces shared by the model families: rotary tables, the causal mask, the KV cache, attention.
+
+use candle_core::{DType, Device, Tensor, D};
+
+use crate::error::{EngineError, Result};
+
+/// Cached keys and values of every layer, for incremental decoding.
+///
+/// The cache lives outside the model so one loaded model serves many requests at once;
+/// each request owns its cache.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    /// An empty cache.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Number of positions already cached.
+    pub fn len(&self) -> usize {
+        match self.layers.first() {
+            Some(Some((k, _))) => k.dim(2).unwrap_or(0),
+            _ => 0,
+        }
+    }
+
+    /// True when nothing is cached yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Appends this step's keys and values (`[b, kv_heads, t, head_dim]`) for `layer` and
+    /// returns the full keys and values so far.
+    pub(crate) fn append(
+        &mut self,
+        layer: usize,
+        k: Tensor,
+        v: Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        if self.layers.len() <= layer {
+            self.layers.resize(layer + 1, None);
+        }
+        let kv = match self.layers[layer].take() {
+            None => (k, v),
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+        };
+        self.layers[layer] = Some(kv.clone());
+        Ok(kv)
+    }
+}
+
+/// Precomputed `cos` / `sin` for rotary position embeddings over `rotary_dim` channels.
+#[derive(Debug, Clone)]
+pub(crate) struct RotaryTables {
+    rotary_dim: usize,
+    cos: Tensor,
+    sin: Tensor,
+    max_positions: usize,
+}
+
+impl RotaryTables {
+    /// `inv_freq` has `rotary_dim / 2` entries.
+    pub(crate) fn new(
+        inv_freq: &[f64],
+        max_positions: usize,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Self> {
+        let half = inv_freq.len();
+        let mut cos = Vec::with_capacity(max_positions * half);
+        let mut sin = Vec::with_capacity(max_positions * half);
+        for pos in 0..max_positions {
+            for f in inv_freq {
+                // Angles in f32 as transformers computes them, so long positions round alike.
+                let angle = (pos as f32) * (*f as f32);
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        Ok(Self {
+            rotary_dim: half * 2,
+            cos: Tensor::from_vec(cos, (max_positions, half), dev)?.to_dtype(dtype)?,
+            sin: Tensor::from_vec(sin, (max_positions, half), dev)?.to_dtype(dtype)?,
+            max_positions,
+        })
+    }
+
+    /// Rotates the first `rotary_dim` channels of `x` (`[b, heads, t, head_dim]`) as
+    /// transformers' `rotate_half` does, for positions `offset..offset + t`.
+    pub(crate) fn apply(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
+        let (_, _, t, head_dim) = x.dims4()?;
+        if offset + t > self.max_positions {
+            return Err(EngineError::InvalidArgument {
+                argument: "sequence length",
+                message: format!(
+                    "{} positions exceed the model's max_position_embeddings ({})",
+                    offset + t,
+                    self.max_positions
+                ),
+            });
+        }
+        let cos = self.cos.narrow(0, offset, t)?;
+        let sin = self.sin.narrow(0, offset, t)?;
+        if self.rotary_dim == head_dim {
+            return Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)?);
+        }
+        let rot = x.narrow(D::Minus1, 0, self.rotary_dim)?.contiguous()?;
+        let pass = x.narrow(D::Minus1, self.rotary_dim, head_dim - self.rotary_dim)?;
+        let rot = candle_nn::rotary_emb::rope(&rot, &cos, &sin)?;
+        Ok(Tensor::cat(&[&rot, &pass], D::Minus1)?)
+    }
+}
+
+/// Standard inverse frequencies `1 / theta^(2i / dim)`.
+pub(crate) fn default_inv_freq(rotary_dim: usize, theta: f64) -> Vec<f64> {
+    (0..rotary_dim)
+        .step_by(2)
+        .map(|i| 1.0 / theta.powf(i as f64 / rotary_dim as f64))
+        .collect()
+}
+
+/// Additive causal mask `[t, offset + t]`: 0 where a query may look, -inf elsewhere.
+fn causal_mask(t: usize, offset: usize, dev: &Device) -> Result<Tensor> {
+    let kv = offset + t;
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| {
+            (0..kv).map(move |j| {
+                if j > i + offset {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
+        .collect();
+    Ok(Tensor::from_vec(mask, (t, kv), dev)?)
+}
+
+/// Scaled dot-product attention over `q` `[b, h, t, d]` and `k`, `v` `[b, kv_h, s, d]`
+/// (grouped-query heads are repeated), causal with `offset` cached positions. Scores and
+/// softmax run in f32 whatever the model dtype; the result is `[b, t, h·d]`.
+pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, offset: usize) -> Result<Tensor> {
+    let (b, h, t, d) = q.dims4()?;
+    let kv_heads = k.dim(1)?;
+    let in_dtype = q.dtype();
+    let k = candle_transformers::utils::repeat_kv(k.clone(), h / kv_heads)?;
+    let v = candle_transformers::utils::repeat_kv(v.clone(), h / kv_heads)?;
+    let q = q.to_dtype(DType::F32)?.contiguous()?;
+    let k = k.to_dtype(DType::F32)?.contiguous()?;
+    let v = v.to_dtype(DType::F32)?.contiguous()?;
+    let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?;
+    let scores = if t > 1 {
+        scores.broadcast_add(&causal_mask(t, offset, q.device())?)?
+    } else {
+        scores
+    };
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    let out = probs.matmul(&v)?.to_dtype(in_dtype)?;
+    Ok(out.transpose(1, 2)?.reshape((b, t, h * d))?)
+}

@@ -1,0 +1,39 @@
+//! moerge's engine: the only layer that knows candle.
+//!
+//! It builds base models of the supported families (Phi, Llama-style) from Hugging Face
+//! folders, attaches LoRA adapters read by `moerge-library` to their linear layers, and
+//! computes logits, completion scores, top tokens and generations on dedicated compute
+//! threads.
+//!
+//! ```no_run
+//! use moerge_engine::{BaseModel, Precision, TextTokenizer, inference};
+//! use moerge_library::Adapter;
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let base = BaseModel::load_dir("examples/tiny-library/base".as_ref(), Precision::F32)?;
+//! let tokenizer = TextTokenizer::from_dir(base.info().dir())?;
+//! let adapter = Adapter::load("examples/tiny-library/experts/upper".as_ref())?;
+//! let model = base.with_adapter(&adapter)?;
+//! let score = inference::score(&model, &tokenizer.encode("abc>")?, &tokenizer.encode("ABC\n")?)?;
+//! println!("mean NLL {:.3}", score.mean_nll());
+//! # Ok(()) }
+//! ```
+
+mod adapter_linear;
+mod config;
+mod error;
+pub mod inference;
+mod layers;
+mod llama;
+mod model;
+mod phi;
+mod tokenizer;
+mod worker;
+
+pub use adapter_linear::AdapterLinear;
+pub use error::{EngineError, Result};
+pub use layers::KvCache;
+pub use llama::{Llama, LlamaConfig};
+pub use model::{BaseModel, Precision};
+pub use phi::{Phi, PhiConfig};
+pub use tokenizer::{StreamDecoder, TextTokenizer};
+pub use worker::{ComputeWorker, Pending};

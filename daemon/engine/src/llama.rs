@@ -1,0 +1,227 @@
+//! The Llama family (Llama 2/3, and Mistral- or Qwen2-style checkpoints whose config fits), as
+//! transformers' `LlamaForCausalLM`.
+//!
+//! Paper: "LLaMA: Open and Efficient Foundation Language Models" (arXiv 2302.13971). Pre-norm
+//! blocks with RMSNorm, rotary embeddings, grouped-query attention and a SwiGLU MLP
+//! (`down(silu(gate(x)) * up(x))`). Mistral's sliding window only matters past its window
+//! length, which the sequences served here do not reach; Qwen2 adds q/k/v biases.
+
+use std::path::Path;
+
+use candle_core::{Module, Tensor};
+use candle_nn::{Embedding, RmsNorm, VarBuilder};
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::adapter_linear::AdapterLinear;
+use crate::config;
+use crate::error::{EngineError, Result};
+use crate::layers::{attention, KvCache, RotaryTables};
+use crate::phi::linear;
+
+/// The fields of a Llama-style `config.json` this implementation reads.
+#[derive(Debug, Clone, Deserialize)]
+pub struct LlamaConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: Option<usize>,
+    /// Transformers allows `head_dim != hidden_size / num_attention_heads`.
+    pub head_dim: Option<usize>,
+    pub rms_norm_eps: f64,
+    pub max_position_embeddings: usize,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default)]
+    pub attention_bias: bool,
+    #[serde(default)]
+    pub mlp_bias: bool,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+}
+
+fn default_act() -> String {
+    "silu".into()
+}
+
+#[derive(Clone)]
+struct LlamaLayer {
+    input_layernorm: RmsNorm,
+    q_proj: AdapterLinear,
+    k_proj: AdapterLinear,
+    v_proj: AdapterLinear,
+    o_proj: AdapterLinear,
+    post_attention_layernorm: RmsNorm,
+    gate_proj: AdapterLinear,
+    up_proj: AdapterLinear,
+    down_proj: AdapterLinear,
+}
+
+/// A Llama-style model whose linear layers can carry adapters.
+#[derive(Clone)]
+pub struct Llama {
+    cfg: LlamaConfig,
+    head_dim: usize,
+    embed_tokens: Embedding,
+    layers: Vec<LlamaLayer>,
+    norm: RmsNorm,
+    lm_head: AdapterLinear,
+    rotary: RotaryTables,
+}
+
+impl Llama {
+    /// Builds the model; `model_type` decides the family's fixed quirks (Qwen2's biases).
+    pub fn load(
+        json: &Value,
+        config_path: &Path,
+        model_type: &str,
+        vb: VarBuilder<'_>,
+    ) -> Result<Self> {
+        let cfg: LlamaConfig = config::parse(json, config_path)?;
+        let rope = config::rope_settings(json, config_path)?;
+        if cfg.hidden_act != "silu" {
+            return Err(EngineError::Config {
+                path: config_path.to_path_buf(),
+                message: format!(
+                    "hidden_act \"{}\" is not supported for {model_type} (only silu)",
+                    cfg.hidden_act
+                ),
+            });
+        }
+        let heads = cfg.num_attention_heads;
+        let kv_heads = cfg.num_key_value_heads.unwrap_or(heads);
+        if heads % kv_heads != 0 {
+            return Err(EngineError::Config {
+                path: config_path.to_path_buf(),
+                message: format!("num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"),
+            });
+        }
+        let head_dim = cfg.head_dim.unwrap_or(cfg.hidden_size / heads);
+        let qkv_bias = cfg.attention_bias || model_type == "qwen2";
+        let rotary = RotaryTables::new(
+            &rope.inv_freq(head_dim),
+            cfg.max_position_embeddings,
+            vb.dtype(),
+            vb.device(),
+        )?;
+        let (h, i, eps) = (cfg.hidden_size, cfg.intermediate_size, cfg.rms_norm_eps);
+        let vb_m = vb.pp("model");
+        let embed = vb_m.pp("embed_tokens").get((cfg.vocab_size, h), "weight")?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for l in 0..cfg.num_hidden_layers {
+            let vb_l = vb_m.pp("layers").pp(l);
+            let attn = vb_l.pp("self_attn");
+            let mlp = vb_l.pp("mlp");
+            layers.push(LlamaLayer {
+                input_layernorm: rms_norm(h, eps, vb_l.pp("input_layernorm"))?,
+                q_proj: linear(h, heads * head_dim, qkv_bias, attn.pp("q_proj"))?,
+                k_proj: linear(h, kv_heads * head_dim, qkv_bias, attn.pp("k_proj"))?,
+                v_proj: linear(h, kv_heads * head_dim, qkv_bias, attn.pp("v_proj"))?,
+                o_proj: linear(heads * head_dim, h, cfg.attention_bias, attn.pp("o_proj"))?,
+                post_attention_layernorm: rms_norm(h, eps, vb_l.pp("post_attention_layernorm"))?,
+                gate_proj: linear(h, i, cfg.mlp_bias, mlp.pp("gate_proj"))?,
+                up_proj: linear(h, i, cfg.mlp_bias, mlp.pp("up_proj"))?,
+                down_proj: linear(i, h, cfg.mlp_bias, mlp.pp("down_proj"))?,
+            });
+        }
+        let norm = rms_norm(h, eps, vb_m.pp("norm"))?;
+        // Tied checkpoints (like the dev fixtures) have no lm_head.weight at all.
+        let lm_head = if cfg.tie_word_embeddings {
+            AdapterLinear::new("lm_head", embed.clone(), None)
+        } else {
+            linear(h, cfg.vocab_size, false, vb.pp("lm_head"))?
+        };
+        Ok(Self {
+            cfg,
+            head_dim,
+            embed_tokens: Embedding::new(embed, h),
+            layers,
+            norm,
+            lm_head,
+            rotary,
+        })
+    }
+
+    /// The parsed configuration.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    /// Hidden states after the final norm, `[b, t, hidden]`.
+    pub fn forward_hidden(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let offset = cache.len();
+        let heads = self.cfg.num_attention_heads;
+        let kv_heads = self.cfg.num_key_value_heads.unwrap_or(heads);
+        let hd = self.head_dim;
+        let mut x = self.embed_tokens.forward(ids)?;
+        for (idx, layer) in self.layers.iter().enumerate() {
+            let normed = layer.input_layernorm.forward(&x)?;
+            let split = |y: Tensor, n: usize| -> Result<Tensor> {
+                Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?)
+            };
+            let q = split(layer.q_proj.forward(&normed)?, heads)?;
+            let k = split(layer.k_proj.forward(&normed)?, kv_heads)?;
+            let v = split(layer.v_proj.forward(&normed)?, kv_heads)?;
+            let q = self.rotary.apply(&q, offset)?;
+            let k = self.rotary.apply(&k, offset)?;
+            let (k, v) = cache.append(idx, k, v.contiguous()?)?;
+            let attn = layer.o_proj.forward(&attention(&q, &k, &v, offset)?)?;
+            x = (x + attn)?;
+            let normed = layer.post_attention_layernorm.forward(&x)?;
+            let gate = candle_nn::ops::silu(&layer.gate_proj.forward(&normed)?)?;
+            let mlp = layer
+                .down_proj
+                .forward(&(gate * layer.up_proj.forward(&normed)?)?)?;
+            x = (x + mlp)?;
+        }
+        Ok(self.norm.forward(&x)?)
+    }
+
+    /// The output projection.
+    pub fn lm_head(&self) -> &AdapterLinear {
+        &self.lm_head
+    }
+
+    /// Every linear layer an adapter may target, in a fixed order.
+    pub fn linears(&self) -> Vec<&AdapterLinear> {
+        let mut out = Vec::new();
+        for l in &self.layers {
+            out.extend([
+                &l.q_proj,
+                &l.k_proj,
+                &l.v_proj,
+                &l.o_proj,
+                &l.gate_proj,
+                &l.up_proj,
+                &l.down_proj,
+            ]);
+        }
+        out.push(&self.lm_head);
+        out
+    }
+
+    /// Mutable access to the same layers as [`Self::linears`], in the same order.
+    pub fn linears_mut(&mut self) -> Vec<&mut AdapterLinear> {
+        let mut out = Vec::new();
+        for l in &mut self.layers {
+            out.extend([
+                &mut l.q_proj,
+                &mut l.k_proj,
+                &mut l.v_proj,
+                &mut l.o_proj,
+                &mut l.gate_proj,
+                &mut l.up_proj,
+                &mut l.down_proj,
+            ]);
+        }
+        out.push(&mut self.lm_head);
+        out
+    }
+}
+
+fn rms_norm(size: usize, eps: f64, vb: VarBuilder<'_>) -> Result<RmsNorm> {
+    Ok(RmsNorm::new(vb.get(size, "weight")?, eps))
+}

@@ -1,0 +1,226 @@
+//! A base model of any supported family, loaded from a Hugging Face folder, with adapters
+//! attached to its linear layers.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::VarBuilder;
+use moerge_library::{Adapter, BaseModelInfo};
+
+use crate::adapter_linear::AdapterLinear;
+use crate::error::{EngineError, Result};
+use crate::layers::KvCache;
+use crate::llama::Llama;
+use crate::phi::Phi;
+
+/// Compute precision of a loaded model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// 32-bit floats everywhere (the reference precision).
+    #[default]
+    F32,
+    /// bfloat16 weights and activations; attention scores and logits stay f32.
+    Bf16,
+}
+
+impl Precision {
+    fn dtype(self) -> DType {
+        match self {
+            Precision::F32 => DType::F32,
+            Precision::Bf16 => DType::BF16,
+        }
+    }
+}
+
+#[derive(Clone)]
+enum Family {
+    Phi(Phi),
+    Llama(Llama),
+}
+
+/// A base model plus whatever adapters are attached to it.
+///
+/// Cloning is cheap: tensors are reference-counted, so a clone with an adapter attached
+/// shares every base weight with the original.
+#[derive(Clone)]
+pub struct BaseModel {
+    info: Arc<BaseModelInfo>,
+    family: Family,
+    precision: Precision,
+    device: Device,
+    vocab_size: usize,
+    /// Name of the attached adapter, if any.
+    adapter: Option<String>,
+}
+
+impl BaseModel {
+    /// Loads `config.json` and the safetensors weights described by `info` (memory-mapped).
+    pub fn load(info: BaseModelInfo, precision: Precision) -> Result<Self> {
+        let device = Device::Cpu;
+        let config_path = info.dir().join("config.json");
+        let json = info.config_json().clone();
+        // SAFETY: the weight files are memory-mapped read-only. Like every mmap user we
+        // rely on nobody truncating them while the model is loaded; candle copies each
+        // tensor out of the map when it is fetched, so later edits cannot tear a forward.
+        let vb = unsafe {
+            VarBuilder::from_mmaped_safetensors(info.weight_files(), precision.dtype(), &device)?
+        };
+        let model_type = info.model_type().to_string();
+        let family = match model_type.as_str() {
+            "phi" => Family::Phi(Phi::load(&json, &config_path, vb)?),
+            "llama" | "mistral" | "qwen2" => {
+                Family::Llama(Llama::load(&json, &config_path, &model_type, vb)?)
+            }
+            other => {
+                return Err(EngineError::UnsupportedModel {
+                    path: config_path,
+                    model_type: other.to_string(),
+                })
+            }
+        };
+        let vocab_size = match &family {
+            Family::Phi(m) => m.config().vocab_size,
+            Family::Llama(m) => m.config().vocab_size,
+        };
+        Ok(Self {
+            info: Arc::new(info),
+            family,
+            precision,
+            device,
+            vocab_size,
+            adapter: None,
+        })
+    }
+
+    /// Reads the folder's headers and loads it; see [`BaseModel::load`].
+    pub fn load_dir(dir: &Path, precision: Precision) -> Result<Self> {
+        Self::load(BaseModelInfo::from_dir(dir)?, precision)
+    }
+
+    /// What the folder's headers said about this model.
+    pub fn info(&self) -> &BaseModelInfo {
+        &self.info
+    }
+
+    /// The device tensors live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The compute precision.
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// Size of the output vocabulary.
+    pub fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+
+    /// Name of the attached adapter, if any.
+    pub fn adapter_name(&self) -> Option<&str> {
+        self.adapter.as_deref()
+    }
+
+    /// Logits `[b, t, vocab]` (f32) for token ids `[b, t]` continuing `cache`.
+    pub fn forward(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let hidden = self.forward_hidden(ids, cache)?;
+        Ok(self.lm_head().forward(&hidden)?.to_dtype(DType::F32)?)
+    }
+
+    /// Logits of the last position only, `[b, vocab]` (f32): what generation needs, without
+    /// projecting every prompt position onto the vocabulary.
+    pub fn forward_last(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let hidden = self.forward_hidden(ids, cache)?;
+        let t = hidden.dim(1)?;
+        let last = hidden.narrow(1, t - 1, 1)?.squeeze(1)?;
+        Ok(self.lm_head().forward(&last)?.to_dtype(DType::F32)?)
+    }
+
+    fn forward_hidden(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        match &self.family {
+            Family::Phi(m) => m.forward_hidden(ids, cache),
+            Family::Llama(m) => m.forward_hidden(ids, cache),
+        }
+    }
+
+    fn lm_head(&self) -> &AdapterLinear {
+        match &self.family {
+            Family::Phi(m) => m.lm_head(),
+            Family::Llama(m) => m.lm_head(),
+        }
+    }
+
+    /// Module path → `(out_features, in_features)` of every layer an adapter may target.
+    pub fn linear_modules(&self) -> BTreeMap<String, (usize, usize)> {
+        self.linears()
+            .into_iter()
+            .map(|l| (l.name().to_string(), l.shape()))
+            .collect()
+    }
+
+    /// The linear layer with this module path, if the model has one.
+    pub fn linear(&self, module: &str) -> Option<&AdapterLinear> {
+        self.linears().into_iter().find(|l| l.name() == module)
+    }
+
+    fn linears(&self) -> Vec<&AdapterLinear> {
+        match &self.family {
+            Family::Phi(m) => m.linears(),
+            Family::Llama(m) => m.linears(),
+        }
+    }
+
+    fn linears_mut(&mut self) -> Vec<&mut AdapterLinear> {
+        match &mut self.family {
+            Family::Phi(m) => m.linears_mut(),
+            Family::Llama(m) => m.linears_mut(),
+        }
+    }
+
+    /// A copy of this model with `adapter` attached (unmerged: `W x + scale · B (A x)` in every
+    /// module it targets). Base weights are shared, not copied. Fails, naming the module and
+    /// both shapes, when the adapter does not fit.
+    pub fn with_adapter(&self, adapter: &Adapter) -> Result<BaseModel> {
+        adapter
+            .check_compatible(&self.info)
+            .map_err(|e| EngineError::Incompatible {
+                adapter: adapter.name().to_string(),
+                reason: e.to_string(),
+            })?;
+        let mut model = self.clone();
+        let mut by_name: BTreeMap<String, &mut AdapterLinear> = model
+            .linears_mut()
+            .into_iter()
+            .map(|l| (l.name().to_string(), l))
+            .collect();
+        for (module, lora) in adapter.modules() {
+            let layer =
+                by_name
+                    .get_mut(module.as_str())
+                    .ok_or_else(|| EngineError::Incompatible {
+                        adapter: adapter.name().to_string(),
+                        reason: format!(
+                            "module {module} is not a linear layer this engine can adapt \
+                         (embeddings and norms cannot carry LoRA here)"
+                        ),
+                    })?;
+            let a = Tensor::from_vec(
+                adapter.tensor_f32(&lora.a),
+                lora.a.shape.clone(),
+                &self.device,
+            )?;
+            let b = Tensor::from_vec(
+                adapter.tensor_f32(&lora.b),
+                lora.b.shape.clone(),
+                &self.device,
+            )?;
+            layer.set_lora(&a, &b, lora.scale)?;
+        }
+        drop(by_name);
+        model.adapter = Some(adapter.name().to_string());
+        Ok(model)
+    }
+}

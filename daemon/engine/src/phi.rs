@@ -1,0 +1,216 @@
+//! The Phi family (Phi-1, Phi-1.5, Phi-2: the paper's base), as transformers' `PhiForCausalLM`.
+//!
+//! Model card: <https://huggingface.co/microsoft/phi-2>. Each block runs attention and the
+//! MLP in parallel on the same layer-normed input and adds both to the residual; rotary
+//! embeddings cover only the first `partial_rotary_factor · head_dim` channels; the MLP is
+//! `fc2(gelu_new(fc1(x)))`; the output goes through `final_layernorm` and a biased `lm_head`.
+
+use std::path::Path;
+
+use candle_core::{Module, Tensor};
+use candle_nn::{Activation, Embedding, LayerNorm, VarBuilder};
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::adapter_linear::AdapterLinear;
+use crate::config::{self, RopeSettings};
+use crate::error::{EngineError, Result};
+use crate::layers::{attention, KvCache, RotaryTables};
+
+/// The fields of a Phi `config.json` this implementation reads.
+#[derive(Debug, Clone, Deserialize)]
+pub struct PhiConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: Option<usize>,
+    pub hidden_act: Activation,
+    pub max_position_embeddings: usize,
+    pub layer_norm_eps: f64,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default)]
+    pub qk_layernorm: bool,
+}
+
+#[derive(Clone)]
+struct PhiLayer {
+    input_layernorm: LayerNorm,
+    q_proj: AdapterLinear,
+    k_proj: AdapterLinear,
+    v_proj: AdapterLinear,
+    dense: AdapterLinear,
+    fc1: AdapterLinear,
+    fc2: AdapterLinear,
+}
+
+/// A Phi model whose linear layers can carry adapters.
+#[derive(Clone)]
+pub struct Phi {
+    cfg: PhiConfig,
+    embed_tokens: Embedding,
+    layers: Vec<PhiLayer>,
+    final_layernorm: LayerNorm,
+    lm_head: AdapterLinear,
+    rotary: RotaryTables,
+}
+
+impl Phi {
+    /// Builds the model from `config.json` (already parsed) and the checkpoint's tensors.
+    pub fn load(json: &Value, config_path: &Path, vb: VarBuilder<'_>) -> Result<Self> {
+        let cfg: PhiConfig = config::parse(json, config_path)?;
+        let rope: RopeSettings = config::rope_settings(json, config_path)?;
+        if cfg.qk_layernorm {
+            return Err(EngineError::Config {
+                path: config_path.to_path_buf(),
+                message: "qk_layernorm: true is not supported for phi".into(),
+            });
+        }
+        let heads = cfg.num_attention_heads;
+        let kv_heads = cfg.num_key_value_heads.unwrap_or(heads);
+        if cfg.hidden_size % heads != 0 || heads % kv_heads != 0 {
+            return Err(EngineError::Config {
+                path: config_path.to_path_buf(),
+                message: format!(
+                    "hidden_size {} must divide into {heads} heads, and heads into {kv_heads} key/value heads",
+                    cfg.hidden_size
+                ),
+            });
+        }
+        let head_dim = cfg.hidden_size / heads;
+        let rotary_dim = (rope.partial_rotary_factor * head_dim as f64) as usize;
+        let rotary = RotaryTables::new(
+            &rope.inv_freq(rotary_dim),
+            cfg.max_position_embeddings,
+            vb.dtype(),
+            vb.device(),
+        )?;
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let vb_m = vb.pp("model");
+        let embed = vb_m.pp("embed_tokens").get((cfg.vocab_size, h), "weight")?;
+        let embed_tokens = Embedding::new(embed.clone(), h);
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for l in 0..cfg.num_hidden_layers {
+            let vb_l = vb_m.pp("layers").pp(l);
+            let attn = vb_l.pp("self_attn");
+            let mlp = vb_l.pp("mlp");
+            layers.push(PhiLayer {
+                input_layernorm: layer_norm(h, cfg.layer_norm_eps, vb_l.pp("input_layernorm"))?,
+                q_proj: linear(h, heads * head_dim, true, attn.pp("q_proj"))?,
+                k_proj: linear(h, kv_heads * head_dim, true, attn.pp("k_proj"))?,
+                v_proj: linear(h, kv_heads * head_dim, true, attn.pp("v_proj"))?,
+                dense: linear(heads * head_dim, h, true, attn.pp("dense"))?,
+                fc1: linear(h, i, true, mlp.pp("fc1"))?,
+                fc2: linear(i, h, true, mlp.pp("fc2"))?,
+            });
+        }
+        let final_layernorm = layer_norm(h, cfg.layer_norm_eps, vb_m.pp("final_layernorm"))?;
+        let lm_head = if cfg.tie_word_embeddings {
+            // Tied: the output weight is the embedding; the bias is still the checkpoint's.
+            let bias = vb.pp("lm_head").get(cfg.vocab_size, "bias").ok();
+            AdapterLinear::new("lm_head", embed, bias)
+        } else {
+            linear(h, cfg.vocab_size, true, vb.pp("lm_head"))?
+        };
+        Ok(Self {
+            cfg,
+            embed_tokens,
+            layers,
+            final_layernorm,
+            lm_head,
+            rotary,
+        })
+    }
+
+    /// The parsed configuration.
+    pub fn config(&self) -> &PhiConfig {
+        &self.cfg
+    }
+
+    /// Hidden states after `final_layernorm`, `[b, t, hidden]`, for `ids` `[b, t]` that
+    /// follow the positions already in `cache`.
+    pub fn forward_hidden(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let offset = cache.len();
+        let heads = self.cfg.num_attention_heads;
+        let kv_heads = self.cfg.num_key_value_heads.unwrap_or(heads);
+        let head_dim = self.cfg.hidden_size / heads;
+        let mut x = self.embed_tokens.forward(ids)?;
+        for (idx, layer) in self.layers.iter().enumerate() {
+            let normed = layer.input_layernorm.forward(&x)?;
+            let split = |y: Tensor, n: usize| -> Result<Tensor> {
+                Ok(y.reshape((b, t, n, head_dim))?.transpose(1, 2)?)
+            };
+            let q = split(layer.q_proj.forward(&normed)?, heads)?;
+            let k = split(layer.k_proj.forward(&normed)?, kv_heads)?;
+            let v = split(layer.v_proj.forward(&normed)?, kv_heads)?;
+            let q = self.rotary.apply(&q, offset)?;
+            let k = self.rotary.apply(&k, offset)?;
+            let (k, v) = cache.append(idx, k, v.contiguous()?)?;
+            let attn = layer.dense.forward(&attention(&q, &k, &v, offset)?)?;
+            let ff = layer
+                .fc2
+                .forward(&self.cfg.hidden_act.forward(&layer.fc1.forward(&normed)?)?)?;
+            x = ((attn + ff)? + x)?;
+        }
+        Ok(self.final_layernorm.forward(&x)?)
+    }
+
+    /// The output projection.
+    pub fn lm_head(&self) -> &AdapterLinear {
+        &self.lm_head
+    }
+
+    /// Every linear layer an adapter may target, in a fixed order.
+    pub fn linears(&self) -> Vec<&AdapterLinear> {
+        let mut out = Vec::new();
+        for l in &self.layers {
+            out.extend([&l.q_proj, &l.k_proj, &l.v_proj, &l.dense, &l.fc1, &l.fc2]);
+        }
+        out.push(&self.lm_head);
+        out
+    }
+
+    /// Mutable access to the same layers as [`Self::linears`], in the same order.
+    pub fn linears_mut(&mut self) -> Vec<&mut AdapterLinear> {
+        let mut out = Vec::new();
+        for l in &mut self.layers {
+            out.extend([
+                &mut l.q_proj,
+                &mut l.k_proj,
+                &mut l.v_proj,
+                &mut l.dense,
+                &mut l.fc1,
+                &mut l.fc2,
+            ]);
+        }
+        out.push(&mut self.lm_head);
+        out
+    }
+}
+
+/// A linear layer named by its module path (the VarBuilder prefix), shapes checked on load.
+pub(crate) fn linear(
+    in_dim: usize,
+    out_dim: usize,
+    bias: bool,
+    vb: VarBuilder<'_>,
+) -> Result<AdapterLinear> {
+    let weight = vb.get((out_dim, in_dim), "weight")?;
+    let bias = if bias {
+        Some(vb.get(out_dim, "bias")?)
+    } else {
+        None
+    };
+    Ok(AdapterLinear::new(vb.prefix(), weight, bias))
+}
+
+fn layer_norm(size: usize, eps: f64, vb: VarBuilder<'_>) -> Result<LayerNorm> {
+    Ok(LayerNorm::new(
+        vb.get(size, "weight")?,
+        vb.get(size, "bias")?,
+        eps,
+    ))
+}

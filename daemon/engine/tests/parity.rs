@@ -1,0 +1,269 @@
+//! Our Phi and Llama against candle-transformers' reference models on the same weights,
+//! base and with a LoRA folded into the reference's weights, within 1e-4.
+
+mod common;
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, IndexOp, Tensor};
+use candle_nn::VarBuilder;
+use candle_transformers::models::{llama as ref_llama, phi as ref_phi};
+use common::*;
+use moerge_engine::{inference, BaseModel, Precision};
+use moerge_library::Adapter;
+
+const IDS: [u32; 12] = [72, 101, 76, 76, 111, 62, 104, 69, 108, 108, 79, 10];
+const TOL: f32 = 1e-4;
+
+/// Logits of the reference for every prefix's last position (its forward returns only the
+/// last position), stacked to `[t, vocab]`.
+fn prefix_logits(mut last: impl FnMut(&Tensor) -> Tensor) -> Tensor {
+    let rows: Vec<Tensor> = (1..=IDS.len())
+        .map(|p| {
+            let input = Tensor::new(&IDS[..p], &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            last(&input).squeeze(0).unwrap()
+        })
+        .collect();
+    Tensor::stack(&rows, 0).unwrap()
+}
+
+/// `W + scale · B A` for every module the adapter targets.
+fn fold(
+    tensors: &HashMap<String, Tensor>,
+    lora: &HashMap<String, (Tensor, Tensor)>,
+    scale: f64,
+) -> HashMap<String, Tensor> {
+    let mut out = tensors.clone();
+    for (module, (a, b)) in lora {
+        let key = format!("{module}.weight");
+        let delta = (b.matmul(a).unwrap() * scale).unwrap();
+        let w = (&out[&key] + delta).unwrap();
+        out.insert(key, w);
+    }
+    out
+}
+
+fn phi_reference(dir: &std::path::Path, tensors: HashMap<String, Tensor>) -> Tensor {
+    // candle's phi reads rope keys only at the top level (transformers 5 nests them).
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+    let rope = cfg["rope_parameters"].clone();
+    cfg["rope_theta"] = rope["rope_theta"].clone();
+    cfg["partial_rotary_factor"] = rope["partial_rotary_factor"].clone();
+    let cfg: ref_phi::Config = serde_json::from_value(cfg).unwrap();
+    let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+    let mut model = ref_phi::Model::new(&cfg, vb).unwrap();
+    prefix_logits(|input| {
+        model.clear_kv_cache();
+        model.forward(input).unwrap()
+    })
+}
+
+fn llama_reference(dir: &std::path::Path, tensors: HashMap<String, Tensor>) -> Tensor {
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+    cfg["rope_theta"] = cfg["rope_parameters"]["rope_theta"].clone();
+    let cfg: ref_llama::LlamaConfig = serde_json::from_value(cfg).unwrap();
+    let cfg = cfg.into_config(false);
+    let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+    let model = ref_llama::Llama::load(vb, &cfg).unwrap();
+    prefix_logits(|input| {
+        let mut cache = ref_llama::Cache::new(false, DType::F32, &cfg, &Device::Cpu).unwrap();
+        model.forward(input, 0, &mut cache).unwrap()
+    })
+}
+
+fn ours(dir: &std::path::Path, adapter: Option<&std::path::Path>) -> Tensor {
+    let base = BaseModel::load_dir(dir, Precision::F32).unwrap();
+    let model = match adapter {
+        Some(a) => base.with_adapter(&Adapter::load(a).unwrap()).unwrap(),
+        None => base,
+    };
+    inference::logits(&model, &IDS).unwrap()
+}
+
+fn assert_close(what: &str, got: &Tensor, want: &Tensor) {
+    let diff = max_abs_diff(got, want);
+    assert!(diff <= TOL, "{what}: max |diff| {diff} > {TOL}");
+    // A model that output zeros would pass a loose check on tiny logits; these are not tiny.
+    let spread = want
+        .i(0)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(
+        spread > 0.1,
+        "{what}: reference logits suspiciously small ({spread})"
+    );
+}
+
+#[test]
+fn phi_matches_candle_transformers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("phi");
+    let tensors = write_phi(&dir, TINY_PHI, 1);
+    assert_close(
+        "phi base",
+        &ours(&dir, None),
+        &phi_reference(&dir, tensors.clone()),
+    );
+
+    let modules: Vec<LoraSpec> = (0..TINY_PHI.layers)
+        .flat_map(|l| {
+            [
+                ("self_attn.q_proj", 64, 64),
+                ("self_attn.v_proj", 64, 64),
+                ("self_attn.dense", 64, 64),
+                ("mlp.fc1", 64, 256),
+                ("mlp.fc2", 256, 64),
+            ]
+            .map(|(m, i, o)| LoraSpec {
+                module: format!("model.layers.{l}.{m}"),
+                rank: 4,
+                in_features: i,
+                out_features: o,
+            })
+        })
+        .collect();
+    let adapter = tmp.path().join("phi-adapter");
+    let lora = write_adapter(
+        &adapter,
+        lora_config(4, 8.0, &["q_proj", "v_proj", "dense", "fc1", "fc2"]),
+        &modules,
+        2,
+    );
+    let want = phi_reference(&dir, fold(&tensors, &lora, 2.0));
+    let got = ours(&dir, Some(&adapter));
+    assert_close("phi + lora", &got, &want);
+    // The adapter must actually change the output, or the check above proves nothing.
+    assert!(max_abs_diff(&got, &ours(&dir, None)) > 1e-2);
+}
+
+#[test]
+fn llama_matches_candle_transformers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("llama");
+    let tensors = write_llama(&dir, TINY_LLAMA, 3);
+    assert_close(
+        "llama base",
+        &ours(&dir, None),
+        &llama_reference(&dir, tensors.clone()),
+    );
+
+    let (h, kv, i) = (64, 32, 172);
+    let modules: Vec<LoraSpec> = (0..TINY_LLAMA.layers)
+        .flat_map(|l| {
+            [
+                ("self_attn.q_proj", h, h),
+                ("self_attn.k_proj", h, kv),
+                ("self_attn.o_proj", h, h),
+                ("mlp.gate_proj", h, i),
+                ("mlp.down_proj", i, h),
+            ]
+            .map(|(m, i, o)| LoraSpec {
+                module: format!("model.layers.{l}.{m}"),
+                rank: 8,
+                in_features: i,
+                out_features: o,
+            })
+        })
+        .collect();
+    let adapter = tmp.path().join("llama-adapter");
+    let mut config = lora_config(
+        8,
+        16.0,
+        &["q_proj", "k_proj", "o_proj", "gate_proj", "down_proj"],
+    );
+    config["use_rslora"] = true.into();
+    let lora = write_adapter(&adapter, config, &modules, 4);
+    // rsLoRA: alpha / sqrt(r) = 16 / sqrt(8).
+    let want = llama_reference(&dir, fold(&tensors, &lora, 16.0 / 8f64.sqrt()));
+    let got = ours(&dir, Some(&adapter));
+    assert_close("llama + rslora", &got, &want);
+    assert!(max_abs_diff(&got, &ours(&dir, None)) > 1e-2);
+}
+
+#[test]
+fn tied_llama_uses_the_embedding_as_output() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("tied");
+    let shape = LlamaShape {
+        tied: true,
+        ..TINY_LLAMA
+    };
+    let tensors = write_llama(&dir, shape, 5);
+    assert!(!tensors.contains_key("lm_head.weight"));
+    assert_close(
+        "tied llama",
+        &ours(&dir, None),
+        &llama_reference(&dir, tensors),
+    );
+}
+
+#[test]
+fn incremental_decoding_matches_a_full_forward() {
+    // Feeding tokens one at a time through the KV cache must give the same logits as one
+    // pass over the whole sequence, for both families.
+    let tmp = tempfile::tempdir().unwrap();
+    let phi = tmp.path().join("phi");
+    write_phi(&phi, TINY_PHI, 7);
+    let llama = tmp.path().join("llama");
+    write_llama(&llama, TINY_LLAMA, 8);
+    for dir in [phi, llama] {
+        let model = BaseModel::load_dir(&dir, Precision::F32).unwrap();
+        let full = inference::logits(&model, &IDS).unwrap();
+        let mut cache = moerge_engine::KvCache::new();
+        // A 5-token prefill, then single tokens.
+        let first = Tensor::new(&IDS[..5], &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let mut rows = vec![model
+            .forward(&first, &mut cache)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()];
+        for id in &IDS[5..] {
+            let step = Tensor::new(&[*id], &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            rows.push(
+                model
+                    .forward(&step, &mut cache)
+                    .unwrap()
+                    .squeeze(0)
+                    .unwrap(),
+            );
+        }
+        let stepped = Tensor::cat(&rows, 0).unwrap();
+        assert_eq!(cache.len(), IDS.len());
+        let diff = max_abs_diff(&stepped, &full);
+        assert!(
+            diff <= TOL,
+            "{}: cached decoding differs by {diff}",
+            dir.display()
+        );
+    }
+}
+
+#[test]
+fn bf16_stays_close_to_f32() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("phi");
+    write_phi(&dir, TINY_PHI, 9);
+    let f32_logits = ours(&dir, None);
+    let model = BaseModel::load_dir(&dir, Precision::Bf16).unwrap();
+    let bf16_logits = inference::logits(&model, &IDS).unwrap();
+    assert_eq!(bf16_logits.dtype(), DType::F32);
+    let diff = max_abs_diff(&bf16_logits, &f32_logits);
+    // bf16 keeps 8 bits of mantissa: close, but not equal.
+    assert!(diff < 0.25 && diff > 0.0, "bf16 vs f32 differ by {diff}");
+}
