@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand};
 /// moerge keeps a library of LoRA experts fine-tuned from one base model and serves fused
 /// models built from them. These offline commands work on folders directly, without a daemon.
 #[derive(Debug, Parser)]
-#[command(name = "moerge", version, about, long_about = None, propagate_version = true)]
+#[command(name = "moerge", version, propagate_version = true)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
