@@ -122,23 +122,6 @@ pub(crate) fn default_inv_freq(rotary_dim: usize, theta: f64) -> Vec<f64> {
         .collect()
 }
 
-/// Additive causal mask `[t, offset + t]`: 0 where a query may look, -inf elsewhere.
-fn causal_mask(t: usize, offset: usize, dev: &Device) -> Result<Tensor> {
-    let kv = offset + t;
-    let mask: Vec<f32> = (0..t)
-        .flat_map(|i| {
-            (0..kv).map(move |j| {
-                if j > i + offset {
-                    f32::NEG_INFINITY
-                } else {
-                    0.0
-                }
-            })
-        })
-        .collect();
-    Ok(Tensor::from_vec(mask, (t, kv), dev)?)
-}
-
 /// Scaled dot-product attention over `q` `[b, h, t, d]` and `k`, `v` `[b, kv_h, s, d]`
 /// (grouped-query heads are repeated), causal with `offset` cached positions. Scores and
 /// softmax run in f32 whatever the model dtype; the result is `[b, t, h·d]`.
@@ -151,13 +134,9 @@ pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, offset: usize) -> Re
     let q = q.to_dtype(DType::F32)?.contiguous()?;
     let k = k.to_dtype(DType::F32)?.contiguous()?;
     let v = v.to_dtype(DType::F32)?.contiguous()?;
-    let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?;
-    let scores = if t > 1 {
-        scores.broadcast_add(&causal_mask(t, offset, q.device())?)?
-    } else {
-        scores
-    };
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    let scores = q.matmul(&k.t()?)?;
+    debug_assert_eq!(scores.dim(3)?, offset + t);
+    let probs = crate::kernels::causal_softmax(&scores, 1.0 / (d as f64).sqrt())?;
     let out = probs.matmul(&v)?.to_dtype(in_dtype)?;
     Ok(out.transpose(1, 2)?.reshape((b, t, h * d))?)
 }

@@ -22,6 +22,7 @@ mod adapter_linear;
 mod config;
 mod error;
 pub mod inference;
+mod kernels;
 mod layers;
 mod llama;
 mod model;

@@ -152,10 +152,18 @@ impl Phi {
             let attn = layer.dense.forward(&attention(&q, &k, &v, offset)?)?;
             let ff = layer
                 .fc2
-                .forward(&self.cfg.hidden_act.forward(&layer.fc1.forward(&normed)?)?)?;
+                .forward(&self.activation(&layer.fc1.forward(&normed)?)?)?;
             x = ((attn + ff)? + x)?;
         }
         Ok(self.final_layernorm.forward(&x)?)
+    }
+
+    fn activation(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self.cfg.hidden_act {
+            // Same function as candle's, several times faster (see `kernels`).
+            Activation::NewGelu | Activation::GeluPytorchTanh => crate::kernels::gelu_tanh(x)?,
+            other => other.forward(x)?,
+        })
     }
 
     /// The output projection.

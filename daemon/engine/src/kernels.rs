@@ -1,0 +1,248 @@
+//! Fused CPU kernels for the two element-wise hot spots of a small transformer, where candle's
+//! generic ops spend most of a forward pass: tanh-GELU (glibc's `tanhf` is slow) and the
+//! scaled, causally masked softmax of attention (three passes and a mask tensor otherwise).
+//!
+//! Both compute the same function as the composed ops, in f32, split over rayon's threads,
+//! and both define a backward pass so the trainer can differentiate through them.
+
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, D};
+use rayon::prelude::*;
+
+/// Elements per parallel work item: large enough to amortise scheduling.
+const CHUNK: usize = 8192;
+
+/// `sqrt(2 / pi)`, the constant of the tanh approximation of GELU.
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+
+/// transformers' `gelu_new` / `gelu_pytorch_tanh`:
+/// `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`, computed as the identical
+/// `x · sigmoid(2 sqrt(2/pi) (x + 0.044715 x^3))`, which needs one `exp` instead of a `tanh`.
+pub(crate) fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let y = x.to_dtype(DType::F32)?.contiguous()?.apply_op1(GeluTanh)?;
+    y.to_dtype(dtype)
+}
+
+struct GeluTanh;
+
+#[inline]
+fn gelu_one(x: f32) -> f32 {
+    let u = 2.0 * SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x);
+    x / (1.0 + (-u).exp())
+}
+
+impl CustomOp1 for GeluTanh {
+    fn name(&self) -> &'static str {
+        "moerge-gelu-tanh"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let src = f32_contiguous(storage, layout, self.name())?;
+        let mut out = vec![0f32; src.len()];
+        out.par_chunks_mut(CHUNK)
+            .zip(src.par_chunks(CHUNK))
+            .for_each(|(o, i)| o.iter_mut().zip(i).for_each(|(o, &x)| *o = gelu_one(x)));
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        // d/dx [x s(u)] = s(u) + x s(u) (1 - s(u)) u',  u = 2c (x + 0.044715 x^3).
+        let c = f64::from(2.0 * SQRT_2_OVER_PI);
+        let x2 = arg.sqr()?;
+        let u = ((arg * (x2.clone() * 0.044_715)?.affine(1.0, 1.0)?)? * c)?;
+        let du = ((x2 * (3.0 * 0.044_715))?.affine(1.0, 1.0)? * c)?;
+        let s = candle_nn::ops::sigmoid(&u)?;
+        let one_minus_s = s.affine(-1.0, 1.0)?;
+        let d = (&s + ((arg * &s)? * one_minus_s)?.mul(&du)?)?;
+        Ok(Some(grad.mul(&d)?))
+    }
+}
+
+/// Softmax over the last dim of `scale · scores`, where `scores` is `[b, h, t, s]` and query
+/// `i` may only see keys `0 ..= offset + i` (causal, with `offset = s - t` cached keys);
+/// masked entries come out exactly 0. Returns f32.
+pub(crate) fn causal_softmax(scores: &Tensor, scale: f64) -> Result<Tensor> {
+    let (_, _, t, s) = scores.dims4()?;
+    if s < t || scale <= 0.0 {
+        candle_core::bail!("causal_softmax: needs keys >= queries and scale > 0, got {t} queries, {s} keys, scale {scale}");
+    }
+    scores
+        .to_dtype(DType::F32)?
+        .contiguous()?
+        .apply_op1(CausalSoftmax {
+            scale: scale as f32,
+            t,
+            s,
+        })
+}
+
+struct CausalSoftmax {
+    scale: f32,
+    t: usize,
+    s: usize,
+}
+
+impl CustomOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "moerge-causal-softmax"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let src = f32_contiguous(storage, layout, self.name())?;
+        let (t, s, scale) = (self.t, self.s, self.scale);
+        let offset = s - t;
+        let mut out = vec![0f32; src.len()];
+        out.par_chunks_mut(s)
+            .zip(src.par_chunks(s))
+            .enumerate()
+            .for_each(|(row, (o, i))| {
+                let visible = offset + row % t + 1;
+                let (o, i) = (&mut o[..visible], &i[..visible]);
+                let max = i.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                let mut sum = 0f32;
+                for (o, &x) in o.iter_mut().zip(i) {
+                    *o = ((x - max) * scale).exp();
+                    sum += *o;
+                }
+                let inv = 1.0 / sum;
+                o.iter_mut().for_each(|o| *o *= inv);
+            });
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        // y = softmax(scale x + mask): dx = scale · y ⊙ (g - Σ g ⊙ y); masked y are 0.
+        let dot = (grad * res)?.sum_keepdim(D::Minus1)?;
+        let d = (res * grad.broadcast_sub(&dot)?)?;
+        Ok(Some((d * f64::from(self.scale))?))
+    }
+}
+
+fn f32_contiguous<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(data) = storage else {
+        candle_core::bail!("{op}: expects f32 storage");
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("{op}: expects a contiguous tensor");
+    };
+    Ok(&data[start..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    fn input(shape: &[usize]) -> Tensor {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 9.0)
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn gelu_matches_the_tanh_formula() {
+        let x = input(&[3, 1000]);
+        // candle's own tanh-GELU is the reference (the formula transformers uses).
+        let want = x.gelu().unwrap();
+        assert!(max_diff(&gelu_tanh(&x).unwrap(), &want) < 1e-5);
+    }
+
+    #[test]
+    fn gelu_gradient_matches_the_composed_ops() {
+        let x = input(&[5, 300]);
+        let ours = Var::from_tensor(&x).unwrap();
+        let theirs = Var::from_tensor(&x).unwrap();
+        let g1 = gelu_tanh(ours.as_tensor())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g2 = theirs
+            .as_tensor()
+            .gelu()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let d = max_diff(
+            g1.get(ours.as_tensor()).unwrap(),
+            g2.get(theirs.as_tensor()).unwrap(),
+        );
+        assert!(d < 1e-4, "gradient differs by {d}");
+    }
+
+    /// The composed reference: scale, add a -inf mask, softmax.
+    fn reference(x: &Tensor, scale: f64) -> Tensor {
+        let (_, _, t, s) = x.dims4().unwrap();
+        let offset = s - t;
+        let mask: Vec<f32> = (0..t)
+            .flat_map(|i| {
+                (0..s).map(move |j| {
+                    if j > offset + i {
+                        f32::NEG_INFINITY
+                    } else {
+                        0.0
+                    }
+                })
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (t, s), &Device::Cpu).unwrap();
+        // The composed softmax (not candle's fused kernel) so autograd can run through it.
+        candle_nn::ops::softmax(
+            &(x * scale).unwrap().broadcast_add(&mask).unwrap(),
+            D::Minus1,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn causal_softmax_matches_mask_and_softmax() {
+        for (t, s) in [(7, 7), (1, 9), (3, 8)] {
+            let x = input(&[2, 3, t, s]);
+            let got = causal_softmax(&x, 0.25).unwrap();
+            assert!(max_diff(&got, &reference(&x, 0.25)) < 1e-6, "t={t} s={s}");
+        }
+    }
+
+    #[test]
+    fn causal_softmax_gradient_matches_the_composed_ops() {
+        let x = input(&[2, 2, 5, 5]);
+        let w = input(&[2, 2, 5, 5]).sin().unwrap();
+        let ours = Var::from_tensor(&x).unwrap();
+        let theirs = Var::from_tensor(&x).unwrap();
+        let g1 = (causal_softmax(ours.as_tensor(), 0.3).unwrap() * &w)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g2 = (reference(theirs.as_tensor(), 0.3) * &w)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let d = max_diff(
+            g1.get(ours.as_tensor()).unwrap(),
+            g2.get(theirs.as_tensor()).unwrap(),
+        );
+        assert!(d < 1e-5, "gradient differs by {d}");
+    }
+}
