@@ -32,6 +32,44 @@ impl KvCache {
         self.len() == 0
     }
 
+    /// Splits the cache along the batch into parts of `sizes` rows (views, no copy).
+    pub(crate) fn split_batch(&self, sizes: &[usize]) -> Result<Vec<KvCache>> {
+        let mut parts = vec![KvCache::new(); sizes.len()];
+        for layer in &self.layers {
+            let mut start = 0;
+            for (part, &n) in parts.iter_mut().zip(sizes) {
+                let kv = match layer {
+                    Some((k, v)) => Some((k.narrow(0, start, n)?, v.narrow(0, start, n)?)),
+                    None => None,
+                };
+                part.layers.push(kv);
+                start += n;
+            }
+        }
+        Ok(parts)
+    }
+
+    /// Joins caches of consecutive batch parts back into one.
+    pub(crate) fn concat_batch(parts: &[KvCache]) -> Result<KvCache> {
+        let layers = parts.iter().map(|p| p.layers.len()).max().unwrap_or(0);
+        let mut out = KvCache::new();
+        for l in 0..layers {
+            let kvs: Option<Vec<&(Tensor, Tensor)>> = parts
+                .iter()
+                .map(|p| p.layers.get(l).and_then(Option::as_ref))
+                .collect();
+            out.layers.push(match kvs {
+                Some(kvs) => {
+                    let ks: Vec<&Tensor> = kvs.iter().map(|kv| &kv.0).collect();
+                    let vs: Vec<&Tensor> = kvs.iter().map(|kv| &kv.1).collect();
+                    Some((Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?))
+                }
+                None => None,
+            });
+        }
+        Ok(out)
+    }
+
     /// Appends this step's keys and values (`[b, kv_heads, t, head_dim]`) for `layer` and
     /// returns the full keys and values so far.
     pub(crate) fn append(

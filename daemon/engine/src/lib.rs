@@ -27,6 +27,7 @@ mod layers;
 mod llama;
 mod model;
 mod phi;
+mod threads;
 mod tokenizer;
 mod worker;
 
@@ -36,5 +37,6 @@ pub use layers::KvCache;
 pub use llama::{Llama, LlamaConfig};
 pub use model::{BaseModel, Precision};
 pub use phi::{Phi, PhiConfig};
+pub use threads::prefer_data_parallelism;
 pub use tokenizer::{StreamDecoder, TextTokenizer};
 pub use worker::{ComputeWorker, Pending};

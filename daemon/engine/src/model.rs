@@ -14,6 +14,7 @@ use crate::error::{EngineError, Result};
 use crate::layers::KvCache;
 use crate::llama::Llama;
 use crate::phi::Phi;
+use crate::threads;
 
 /// Compute precision of a loaded model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -126,17 +127,21 @@ impl BaseModel {
 
     /// Logits `[b, t, vocab]` (f32) for token ids `[b, t]` continuing `cache`.
     pub fn forward(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let hidden = self.forward_hidden(ids, cache)?;
-        Ok(self.lm_head().forward(&hidden)?.to_dtype(DType::F32)?)
+        threads::split_batch(ids, cache, |ids, cache| {
+            let hidden = self.forward_hidden(ids, cache)?;
+            Ok(self.lm_head().forward(&hidden)?.to_dtype(DType::F32)?)
+        })
     }
 
     /// Logits of the last position only, `[b, vocab]` (f32): what generation needs, without
     /// projecting every prompt position onto the vocabulary.
     pub fn forward_last(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let hidden = self.forward_hidden(ids, cache)?;
-        let t = hidden.dim(1)?;
-        let last = hidden.narrow(1, t - 1, 1)?.squeeze(1)?;
-        Ok(self.lm_head().forward(&last)?.to_dtype(DType::F32)?)
+        threads::split_batch(ids, cache, |ids, cache| {
+            let hidden = self.forward_hidden(ids, cache)?;
+            let t = hidden.dim(1)?;
+            let last = hidden.narrow(1, t - 1, 1)?.squeeze(1)?;
+            Ok(self.lm_head().forward(&last)?.to_dtype(DType::F32)?)
+        })
     }
 
     fn forward_hidden(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
