@@ -267,3 +267,80 @@ fn bf16_stays_close_to_f32() {
     // bf16 keeps 8 bits of mantissa: close, but not equal.
     assert!(diff < 0.25 && diff > 0.0, "bf16 vs f32 differ by {diff}");
 }
+
+#[test]
+fn qwen2_checkpoint_loads_with_its_qkv_biases() {
+    use candle_transformers::models::qwen2 as ref_qwen2;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("qwen2");
+    let mut tensors = write_llama(&dir, TINY_LLAMA, 12);
+    // Qwen2: q/k/v carry biases (o_proj and the MLP do not), and the config says so only
+    // through model_type.
+    let mut w = Weights::new(13);
+    for l in 0..TINY_LLAMA.layers {
+        for (m, n) in [("q_proj", 64), ("k_proj", 32), ("v_proj", 32)] {
+            w.add(
+                &format!("model.layers.{l}.self_attn.{m}.bias"),
+                &[n],
+                0.0,
+                0.3,
+            );
+        }
+    }
+    tensors.extend(w.tensors);
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+    cfg["model_type"] = "qwen2".into();
+    cfg["sliding_window"] = 4096.into();
+    cfg["max_window_layers"] = 28.into();
+    cfg["use_sliding_window"] = false.into();
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+
+    cfg["rope_theta"] = cfg["rope_parameters"]["rope_theta"].clone();
+    let ref_cfg: ref_qwen2::Config = serde_json::from_value(cfg).unwrap();
+    let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+    let mut model = ref_qwen2::ModelForCausalLM::new(&ref_cfg, vb).unwrap();
+    let want = prefix_logits(|input| {
+        model.clear_kv_cache();
+        model.forward(input, 0).unwrap().squeeze(1).unwrap()
+    });
+    assert_close("qwen2", &ours(&dir, None), &want);
+}
+
+#[test]
+fn sharded_checkpoint_gives_the_same_logits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let single = tmp.path().join("single");
+    let tensors = write_phi(&single, TINY_PHI, 14);
+    let sharded = tmp.path().join("sharded");
+    std::fs::create_dir(&sharded).unwrap();
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(single.join(f), sharded.join(f)).unwrap();
+    }
+    // Layer 0 and the embeddings in one shard, the rest in the other, as transformers splits.
+    let (mut first, mut second) = (HashMap::new(), HashMap::new());
+    let mut weight_map = serde_json::Map::new();
+    for (name, t) in tensors {
+        let (shard, file) = if name.starts_with("model.layers.0.") || name.contains("embed") {
+            (&mut first, "model-00001-of-00002.safetensors")
+        } else {
+            (&mut second, "model-00002-of-00002.safetensors")
+        };
+        weight_map.insert(name.clone(), file.into());
+        shard.insert(name, t);
+    }
+    candle_core::safetensors::save(&first, sharded.join("model-00001-of-00002.safetensors"))
+        .unwrap();
+    candle_core::safetensors::save(&second, sharded.join("model-00002-of-00002.safetensors"))
+        .unwrap();
+    let index = serde_json::json!({"metadata": {"total_size": 0}, "weight_map": weight_map});
+    std::fs::write(
+        sharded.join("model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
+    assert!(!sharded.join("model.safetensors").exists());
+    let diff = max_abs_diff(&ours(&sharded, None), &ours(&single, None));
+    assert_eq!(diff, 0.0, "sharded and single-file checkpoints differ");
+}
