@@ -65,24 +65,11 @@ fn main() {
     let tmp = tempfile::tempdir().unwrap();
     let phi = tmp.path().join("phi");
     write_phi(&phi, TINY_PHI, 1);
-    let phi_modules: Vec<LoraSpec> = (0..TINY_PHI.layers)
-        .flat_map(|l| {
-            [
-                ("self_attn.q_proj", 64, 64),
-                ("self_attn.k_proj", 64, 64),
-                ("self_attn.v_proj", 64, 64),
-                ("self_attn.dense", 64, 64),
-                ("mlp.fc1", 64, 256),
-                ("mlp.fc2", 256, 64),
-            ]
-            .map(|(m, i, o)| LoraSpec {
-                module: format!("model.layers.{l}.{m}"),
-                rank: 8,
-                in_features: i,
-                out_features: o,
-            })
-        })
-        .collect();
+    let phi_modules = lora_specs(
+        &phi,
+        &["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"],
+        8,
+    );
     let phi_adapter = tmp.path().join("phi-adapter");
     write_adapter(
         &phi_adapter,
@@ -97,25 +84,19 @@ fn main() {
 
     let llama = tmp.path().join("llama");
     write_llama(&llama, TINY_LLAMA, 3);
-    let llama_modules: Vec<LoraSpec> = (0..TINY_LLAMA.layers)
-        .flat_map(|l| {
-            [
-                ("self_attn.q_proj", 64, 64),
-                ("self_attn.k_proj", 64, 32),
-                ("self_attn.v_proj", 64, 32),
-                ("self_attn.o_proj", 64, 64),
-                ("mlp.gate_proj", 64, 172),
-                ("mlp.up_proj", 64, 172),
-                ("mlp.down_proj", 172, 64),
-            ]
-            .map(|(m, i, o)| LoraSpec {
-                module: format!("model.layers.{l}.{m}"),
-                rank: 8,
-                in_features: i,
-                out_features: o,
-            })
-        })
-        .collect();
+    let llama_modules = lora_specs(
+        &llama,
+        &[
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ],
+        8,
+    );
     let llama_adapter = tmp.path().join("llama-adapter");
     write_adapter(
         &llama_adapter,

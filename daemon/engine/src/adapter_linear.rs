@@ -40,6 +40,23 @@ impl AdapterLinear {
         }
     }
 
+    /// Loads `weight` `[out, in]` (and `bias` `[out]`) under the builder's prefix, which
+    /// becomes the layer's module path; shapes are checked against the checkpoint.
+    pub(crate) fn load(
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+        vb: candle_nn::VarBuilder<'_>,
+    ) -> Result<Self> {
+        let weight = vb.get((out_dim, in_dim), "weight")?;
+        let bias = if bias {
+            Some(vb.get(out_dim, "bias")?)
+        } else {
+            None
+        };
+        Ok(Self::new(vb.prefix(), weight, bias))
+    }
+
     /// The module path PEFT would use for this layer.
     pub fn name(&self) -> &str {
         &self.name

@@ -1,7 +1,9 @@
 //! Pieces shared by the model families: rotary tables, the causal mask, the KV cache, attention.
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::VarBuilder;
 
+use crate::adapter_linear::AdapterLinear;
 use crate::error::{EngineError, Result};
 
 /// Cached keys and values of every layer, for incremental decoding.
@@ -21,7 +23,12 @@ impl KvCache {
 
     /// Number of positions already cached.
     pub fn len(&self) -> usize {
-        match self.layers.first() {
+        self.layer_len(0)
+    }
+
+    /// Number of positions cached for one layer.
+    pub(crate) fn layer_len(&self, layer: usize) -> usize {
+        match self.layers.get(layer) {
             Some(Some((k, _))) => k.dim(2).unwrap_or(0),
             _ => 0,
         }
@@ -177,4 +184,87 @@ pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, offset: usize) -> Re
     let probs = crate::kernels::causal_softmax(&scores, 1.0 / (d as f64).sqrt())?;
     let out = probs.matmul(&v)?.to_dtype(in_dtype)?;
     Ok(out.transpose(1, 2)?.reshape((b, t, h * d))?)
+}
+
+/// Head counts of an attention block.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Heads {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// The attention block both families share: q/k/v projections, rotary embeddings, the
+/// cache, causal attention and the output projection (Phi names it `dense`, Llama `o_proj`).
+#[derive(Debug, Clone)]
+pub(crate) struct SelfAttention {
+    pub q_proj: AdapterLinear,
+    pub k_proj: AdapterLinear,
+    pub v_proj: AdapterLinear,
+    pub out_proj: AdapterLinear,
+    heads: Heads,
+}
+
+impl SelfAttention {
+    /// Loads the four projections under `vb` (`self_attn`).
+    pub(crate) fn load(
+        vb: VarBuilder<'_>,
+        hidden: usize,
+        heads: Heads,
+        qkv_bias: bool,
+        out: (&str, bool),
+    ) -> Result<Self> {
+        let (q, kv) = (
+            heads.heads * heads.head_dim,
+            heads.kv_heads * heads.head_dim,
+        );
+        Ok(Self {
+            q_proj: AdapterLinear::load(hidden, q, qkv_bias, vb.pp("q_proj"))?,
+            k_proj: AdapterLinear::load(hidden, kv, qkv_bias, vb.pp("k_proj"))?,
+            v_proj: AdapterLinear::load(hidden, kv, qkv_bias, vb.pp("v_proj"))?,
+            out_proj: AdapterLinear::load(q, hidden, out.1, vb.pp(out.0))?,
+            heads,
+        })
+    }
+
+    /// Attention output `[b, t, hidden]` for normed input `x`, continuing `cache` at `layer`.
+    pub(crate) fn forward(
+        &self,
+        x: &Tensor,
+        rotary: &RotaryTables,
+        cache: &mut KvCache,
+        layer: usize,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        // Earlier layers of this same step have already grown their part of the cache.
+        let offset = cache.layer_len(layer);
+        let Heads {
+            heads,
+            kv_heads,
+            head_dim,
+        } = self.heads;
+        let split = |y: Tensor, n: usize| -> Result<Tensor> {
+            Ok(y.reshape((b, t, n, head_dim))?.transpose(1, 2)?)
+        };
+        let q = rotary.apply(&split(self.q_proj.forward(x)?, heads)?, offset)?;
+        let k = rotary.apply(&split(self.k_proj.forward(x)?, kv_heads)?, offset)?;
+        let v = split(self.v_proj.forward(x)?, kv_heads)?.contiguous()?;
+        let (k, v) = cache.append(layer, k, v)?;
+        Ok(self.out_proj.forward(&attention(&q, &k, &v, offset)?)?)
+    }
+
+    /// The four projections, in PEFT's usual order.
+    pub(crate) fn linears(&self) -> [&AdapterLinear; 4] {
+        [&self.q_proj, &self.k_proj, &self.v_proj, &self.out_proj]
+    }
+
+    /// Mutable access to the same projections.
+    pub(crate) fn linears_mut(&mut self) -> [&mut AdapterLinear; 4] {
+        [
+            &mut self.q_proj,
+            &mut self.k_proj,
+            &mut self.v_proj,
+            &mut self.out_proj,
+        ]
+    }
 }

@@ -16,8 +16,7 @@ use serde_json::Value;
 use crate::adapter_linear::AdapterLinear;
 use crate::config;
 use crate::error::{EngineError, Result};
-use crate::layers::{attention, KvCache, RotaryTables};
-use crate::phi::linear;
+use crate::layers::{Heads, KvCache, RotaryTables, SelfAttention};
 
 /// The fields of a Llama-style `config.json` this implementation reads.
 #[derive(Debug, Clone, Deserialize)]
@@ -49,10 +48,7 @@ fn default_act() -> String {
 #[derive(Clone)]
 struct LlamaLayer {
     input_layernorm: RmsNorm,
-    q_proj: AdapterLinear,
-    k_proj: AdapterLinear,
-    v_proj: AdapterLinear,
-    o_proj: AdapterLinear,
+    self_attn: SelfAttention,
     post_attention_layernorm: RmsNorm,
     gate_proj: AdapterLinear,
     up_proj: AdapterLinear,
@@ -63,7 +59,6 @@ struct LlamaLayer {
 #[derive(Clone)]
 pub struct Llama {
     cfg: LlamaConfig,
-    head_dim: usize,
     embed_tokens: Embedding,
     layers: Vec<LlamaLayer>,
     norm: RmsNorm,
@@ -112,18 +107,20 @@ impl Llama {
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
             let vb_l = vb_m.pp("layers").pp(l);
-            let attn = vb_l.pp("self_attn");
             let mlp = vb_l.pp("mlp");
+            let shape = Heads {
+                heads,
+                kv_heads,
+                head_dim,
+            };
+            let out = ("o_proj", cfg.attention_bias);
             layers.push(LlamaLayer {
                 input_layernorm: rms_norm(h, eps, vb_l.pp("input_layernorm"))?,
-                q_proj: linear(h, heads * head_dim, qkv_bias, attn.pp("q_proj"))?,
-                k_proj: linear(h, kv_heads * head_dim, qkv_bias, attn.pp("k_proj"))?,
-                v_proj: linear(h, kv_heads * head_dim, qkv_bias, attn.pp("v_proj"))?,
-                o_proj: linear(heads * head_dim, h, cfg.attention_bias, attn.pp("o_proj"))?,
+                self_attn: SelfAttention::load(vb_l.pp("self_attn"), h, shape, qkv_bias, out)?,
                 post_attention_layernorm: rms_norm(h, eps, vb_l.pp("post_attention_layernorm"))?,
-                gate_proj: linear(h, i, cfg.mlp_bias, mlp.pp("gate_proj"))?,
-                up_proj: linear(h, i, cfg.mlp_bias, mlp.pp("up_proj"))?,
-                down_proj: linear(i, h, cfg.mlp_bias, mlp.pp("down_proj"))?,
+                gate_proj: AdapterLinear::load(h, i, cfg.mlp_bias, mlp.pp("gate_proj"))?,
+                up_proj: AdapterLinear::load(h, i, cfg.mlp_bias, mlp.pp("up_proj"))?,
+                down_proj: AdapterLinear::load(i, h, cfg.mlp_bias, mlp.pp("down_proj"))?,
             });
         }
         let norm = rms_norm(h, eps, vb_m.pp("norm"))?;
@@ -131,11 +128,10 @@ impl Llama {
         let lm_head = if cfg.tie_word_embeddings {
             AdapterLinear::new("lm_head", embed.clone(), None)
         } else {
-            linear(h, cfg.vocab_size, false, vb.pp("lm_head"))?
+            AdapterLinear::load(h, cfg.vocab_size, false, vb.pp("lm_head"))?
         };
         Ok(Self {
             cfg,
-            head_dim,
             embed_tokens: Embedding::new(embed, h),
             layers,
             norm,
@@ -151,25 +147,10 @@ impl Llama {
 
     /// Hidden states after the final norm, `[b, t, hidden]`.
     pub fn forward_hidden(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let (b, t) = ids.dims2()?;
-        let offset = cache.len();
-        let heads = self.cfg.num_attention_heads;
-        let kv_heads = self.cfg.num_key_value_heads.unwrap_or(heads);
-        let hd = self.head_dim;
         let mut x = self.embed_tokens.forward(ids)?;
         for (idx, layer) in self.layers.iter().enumerate() {
             let normed = layer.input_layernorm.forward(&x)?;
-            let split = |y: Tensor, n: usize| -> Result<Tensor> {
-                Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?)
-            };
-            let q = split(layer.q_proj.forward(&normed)?, heads)?;
-            let k = split(layer.k_proj.forward(&normed)?, kv_heads)?;
-            let v = split(layer.v_proj.forward(&normed)?, kv_heads)?;
-            let q = self.rotary.apply(&q, offset)?;
-            let k = self.rotary.apply(&k, offset)?;
-            let (k, v) = cache.append(idx, k, v.contiguous()?)?;
-            let attn = layer.o_proj.forward(&attention(&q, &k, &v, offset)?)?;
-            x = (x + attn)?;
+            x = (&x + layer.self_attn.forward(&normed, &self.rotary, cache, idx)?)?;
             let normed = layer.post_attention_layernorm.forward(&x)?;
             let gate = candle_nn::ops::silu(&layer.gate_proj.forward(&normed)?)?;
             let mlp = layer
@@ -189,15 +170,8 @@ impl Llama {
     pub fn linears(&self) -> Vec<&AdapterLinear> {
         let mut out = Vec::new();
         for l in &self.layers {
-            out.extend([
-                &l.q_proj,
-                &l.k_proj,
-                &l.v_proj,
-                &l.o_proj,
-                &l.gate_proj,
-                &l.up_proj,
-                &l.down_proj,
-            ]);
+            out.extend(l.self_attn.linears());
+            out.extend([&l.gate_proj, &l.up_proj, &l.down_proj]);
         }
         out.push(&self.lm_head);
         out
@@ -207,15 +181,8 @@ impl Llama {
     pub fn linears_mut(&mut self) -> Vec<&mut AdapterLinear> {
         let mut out = Vec::new();
         for l in &mut self.layers {
-            out.extend([
-                &mut l.q_proj,
-                &mut l.k_proj,
-                &mut l.v_proj,
-                &mut l.o_proj,
-                &mut l.gate_proj,
-                &mut l.up_proj,
-                &mut l.down_proj,
-            ]);
+            out.extend(l.self_attn.linears_mut());
+            out.extend([&mut l.gate_proj, &mut l.up_proj, &mut l.down_proj]);
         }
         out.push(&mut self.lm_head);
         out

@@ -15,7 +15,7 @@ use serde_json::Value;
 use crate::adapter_linear::AdapterLinear;
 use crate::config::{self, RopeSettings};
 use crate::error::{EngineError, Result};
-use crate::layers::{attention, KvCache, RotaryTables};
+use crate::layers::{Heads, KvCache, RotaryTables, SelfAttention};
 
 /// The fields of a Phi `config.json` this implementation reads.
 #[derive(Debug, Clone, Deserialize)]
@@ -38,10 +38,7 @@ pub struct PhiConfig {
 #[derive(Clone)]
 struct PhiLayer {
     input_layernorm: LayerNorm,
-    q_proj: AdapterLinear,
-    k_proj: AdapterLinear,
-    v_proj: AdapterLinear,
-    dense: AdapterLinear,
+    self_attn: SelfAttention,
     fc1: AdapterLinear,
     fc2: AdapterLinear,
 }
@@ -94,16 +91,23 @@ impl Phi {
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
             let vb_l = vb_m.pp("layers").pp(l);
-            let attn = vb_l.pp("self_attn");
             let mlp = vb_l.pp("mlp");
+            let shape = Heads {
+                heads,
+                kv_heads,
+                head_dim,
+            };
             layers.push(PhiLayer {
                 input_layernorm: layer_norm(h, cfg.layer_norm_eps, vb_l.pp("input_layernorm"))?,
-                q_proj: linear(h, heads * head_dim, true, attn.pp("q_proj"))?,
-                k_proj: linear(h, kv_heads * head_dim, true, attn.pp("k_proj"))?,
-                v_proj: linear(h, kv_heads * head_dim, true, attn.pp("v_proj"))?,
-                dense: linear(heads * head_dim, h, true, attn.pp("dense"))?,
-                fc1: linear(h, i, true, mlp.pp("fc1"))?,
-                fc2: linear(i, h, true, mlp.pp("fc2"))?,
+                self_attn: SelfAttention::load(
+                    vb_l.pp("self_attn"),
+                    h,
+                    shape,
+                    true,
+                    ("dense", true),
+                )?,
+                fc1: AdapterLinear::load(h, i, true, mlp.pp("fc1"))?,
+                fc2: AdapterLinear::load(i, h, true, mlp.pp("fc2"))?,
             });
         }
         let final_layernorm = layer_norm(h, cfg.layer_norm_eps, vb_m.pp("final_layernorm"))?;
@@ -112,7 +116,7 @@ impl Phi {
             let bias = vb.pp("lm_head").get(cfg.vocab_size, "bias").ok();
             AdapterLinear::new("lm_head", embed, bias)
         } else {
-            linear(h, cfg.vocab_size, true, vb.pp("lm_head"))?
+            AdapterLinear::load(h, cfg.vocab_size, true, vb.pp("lm_head"))?
         };
         Ok(Self {
             cfg,
@@ -132,24 +136,11 @@ impl Phi {
     /// Hidden states after `final_layernorm`, `[b, t, hidden]`, for `ids` `[b, t]` that
     /// follow the positions already in `cache`.
     pub fn forward_hidden(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let (b, t) = ids.dims2()?;
-        let offset = cache.len();
-        let heads = self.cfg.num_attention_heads;
-        let kv_heads = self.cfg.num_key_value_heads.unwrap_or(heads);
-        let head_dim = self.cfg.hidden_size / heads;
         let mut x = self.embed_tokens.forward(ids)?;
         for (idx, layer) in self.layers.iter().enumerate() {
+            // Attention and MLP read the same normed input, in parallel.
             let normed = layer.input_layernorm.forward(&x)?;
-            let split = |y: Tensor, n: usize| -> Result<Tensor> {
-                Ok(y.reshape((b, t, n, head_dim))?.transpose(1, 2)?)
-            };
-            let q = split(layer.q_proj.forward(&normed)?, heads)?;
-            let k = split(layer.k_proj.forward(&normed)?, kv_heads)?;
-            let v = split(layer.v_proj.forward(&normed)?, kv_heads)?;
-            let q = self.rotary.apply(&q, offset)?;
-            let k = self.rotary.apply(&k, offset)?;
-            let (k, v) = cache.append(idx, k, v.contiguous()?)?;
-            let attn = layer.dense.forward(&attention(&q, &k, &v, offset)?)?;
+            let attn = layer.self_attn.forward(&normed, &self.rotary, cache, idx)?;
             let ff = layer
                 .fc2
                 .forward(&self.activation(&layer.fc1.forward(&normed)?)?)?;
@@ -175,7 +166,8 @@ impl Phi {
     pub fn linears(&self) -> Vec<&AdapterLinear> {
         let mut out = Vec::new();
         for l in &self.layers {
-            out.extend([&l.q_proj, &l.k_proj, &l.v_proj, &l.dense, &l.fc1, &l.fc2]);
+            out.extend(l.self_attn.linears());
+            out.extend([&l.fc1, &l.fc2]);
         }
         out.push(&self.lm_head);
         out
@@ -185,34 +177,12 @@ impl Phi {
     pub fn linears_mut(&mut self) -> Vec<&mut AdapterLinear> {
         let mut out = Vec::new();
         for l in &mut self.layers {
-            out.extend([
-                &mut l.q_proj,
-                &mut l.k_proj,
-                &mut l.v_proj,
-                &mut l.dense,
-                &mut l.fc1,
-                &mut l.fc2,
-            ]);
+            out.extend(l.self_attn.linears_mut());
+            out.extend([&mut l.fc1, &mut l.fc2]);
         }
         out.push(&mut self.lm_head);
         out
     }
-}
-
-/// A linear layer named by its module path (the VarBuilder prefix), shapes checked on load.
-pub(crate) fn linear(
-    in_dim: usize,
-    out_dim: usize,
-    bias: bool,
-    vb: VarBuilder<'_>,
-) -> Result<AdapterLinear> {
-    let weight = vb.get((out_dim, in_dim), "weight")?;
-    let bias = if bias {
-        Some(vb.get(out_dim, "bias")?)
-    } else {
-        None
-    };
-    Ok(AdapterLinear::new(vb.prefix(), weight, bias))
 }
 
 fn layer_norm(size: usize, eps: f64, vb: VarBuilder<'_>) -> Result<LayerNorm> {

@@ -115,23 +115,7 @@ fn phi_matches_candle_transformers() {
         &phi_reference(&dir, tensors.clone()),
     );
 
-    let modules: Vec<LoraSpec> = (0..TINY_PHI.layers)
-        .flat_map(|l| {
-            [
-                ("self_attn.q_proj", 64, 64),
-                ("self_attn.v_proj", 64, 64),
-                ("self_attn.dense", 64, 64),
-                ("mlp.fc1", 64, 256),
-                ("mlp.fc2", 256, 64),
-            ]
-            .map(|(m, i, o)| LoraSpec {
-                module: format!("model.layers.{l}.{m}"),
-                rank: 4,
-                in_features: i,
-                out_features: o,
-            })
-        })
-        .collect();
+    let modules = lora_specs(&dir, &["q_proj", "v_proj", "dense", "fc1", "fc2"], 4);
     let adapter = tmp.path().join("phi-adapter");
     let lora = write_adapter(
         &adapter,
@@ -157,24 +141,11 @@ fn llama_matches_candle_transformers() {
         &llama_reference(&dir, tensors.clone()),
     );
 
-    let (h, kv, i) = (64, 32, 172);
-    let modules: Vec<LoraSpec> = (0..TINY_LLAMA.layers)
-        .flat_map(|l| {
-            [
-                ("self_attn.q_proj", h, h),
-                ("self_attn.k_proj", h, kv),
-                ("self_attn.o_proj", h, h),
-                ("mlp.gate_proj", h, i),
-                ("mlp.down_proj", i, h),
-            ]
-            .map(|(m, i, o)| LoraSpec {
-                module: format!("model.layers.{l}.{m}"),
-                rank: 8,
-                in_features: i,
-                out_features: o,
-            })
-        })
-        .collect();
+    let modules = lora_specs(
+        &dir,
+        &["q_proj", "k_proj", "o_proj", "gate_proj", "down_proj"],
+        8,
+    );
     let adapter = tmp.path().join("llama-adapter");
     let mut config = lora_config(
         8,

@@ -277,3 +277,19 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .to_scalar::<f32>()
         .unwrap()
 }
+
+/// One rank-`rank` LoRA spec per linear module of the checkpoint in `base_dir` whose name
+/// ends in one of `targets` (PEFT's suffix rule), with the module's real shapes.
+pub fn lora_specs(base_dir: &Path, targets: &[&str], rank: usize) -> Vec<LoraSpec> {
+    let info = moerge_library::BaseModelInfo::from_dir(base_dir).unwrap();
+    info.linear_modules()
+        .iter()
+        .filter(|(m, _)| targets.iter().any(|t| m.ends_with(&format!(".{t}"))))
+        .map(|(m, s)| LoraSpec {
+            module: m.clone(),
+            rank,
+            in_features: s.in_features,
+            out_features: s.out_features,
+        })
+        .collect()
+}
