@@ -21,35 +21,44 @@ use moerge_library::Adapter;
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Median tokens/s of full forward passes (logits for every position) over ~1 s.
-fn tokens_per_second(model: &BaseModel, batch: usize, len: usize) -> f64 {
+/// Median tokens/s of full forward passes (logits for every position) of `base` and
+/// `adapted`, run alternately for about 1.5 s so drifting machine load hits both alike.
+fn tokens_per_second(
+    base: &BaseModel,
+    adapted: &BaseModel,
+    batch: usize,
+    len: usize,
+) -> (f64, f64) {
     let ids: Vec<u32> = (0..batch * len).map(|i| (i * 7 % 251) as u32).collect();
     let input = Tensor::from_vec(ids, (batch, len), &Device::Cpu).unwrap();
-    let run = || {
+    let run = |model: &BaseModel| {
         let start = Instant::now();
         let logits = model.forward(&input, &mut KvCache::new()).unwrap();
         assert_eq!(logits.dims(), &[batch, len, model.vocab_size()]);
         start.elapsed()
     };
     for _ in 0..3 {
-        run();
+        run(base);
+        run(adapted);
     }
-    let mut times: Vec<Duration> = Vec::new();
+    let (mut b, mut a): (Vec<Duration>, Vec<Duration>) = (Vec::new(), Vec::new());
     let budget = Instant::now();
-    while times.len() < 10 || (budget.elapsed() < Duration::from_secs(1) && times.len() < 2000) {
-        times.push(run());
+    while b.len() < 10 || (budget.elapsed() < Duration::from_millis(1500) && b.len() < 2000) {
+        b.push(run(base));
+        a.push(run(adapted));
     }
-    times.sort();
-    let median = times[times.len() / 2].as_secs_f64();
-    (batch * len) as f64 / median
+    let median = |mut v: Vec<Duration>| {
+        v.sort();
+        (batch * len) as f64 / v[v.len() / 2].as_secs_f64()
+    };
+    (median(b), median(a))
 }
 
 fn bench(label: &str, dir: &Path, adapter: &Path) {
     let base = BaseModel::load_dir(dir, Precision::F32).unwrap();
     let adapted = base.with_adapter(&Adapter::load(adapter).unwrap()).unwrap();
     for (batch, len) in [(1, 64), (8, 128)] {
-        let b = tokens_per_second(&base, batch, len);
-        let a = tokens_per_second(&adapted, batch, len);
+        let (b, a) = tokens_per_second(&base, &adapted, batch, len);
         println!(
             "{label:<6} {batch}x{len:<4} base {:>9.0} tok/s   adapter {:>9.0} tok/s   adapter/base {:.2}",
             b,
