@@ -5,6 +5,8 @@
 //! Both compute the same function as the composed ops, in f32, split over rayon's threads,
 //! and both define a backward pass so the trainer can differentiate through them.
 
+use std::sync::Arc;
+
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
@@ -130,6 +132,105 @@ impl CustomOp1 for CausalSoftmax {
         let dot = (grad * res)?.sum_keepdim(D::Minus1)?;
         let d = (res * grad.broadcast_sub(&dot)?)?;
         Ok(Some((d * f64::from(self.scale))?))
+    }
+}
+
+/// Rotary position embedding fused with the split into heads: `x` `[b, t, heads · d]` (a
+/// projection's output) becomes `[b, heads, t, d]` with the first `2 · half` channels of every
+/// head rotated as transformers' `rotate_half` does, for positions `offset .. offset + t`.
+/// One pass, where the composed version copies for the transpose, copies the rotated slice,
+/// rotates and concatenates. `cos` / `sin` are `[positions, half]`, row-major.
+pub(crate) fn rope_heads(
+    x: &Tensor,
+    heads: usize,
+    head_dim: usize,
+    tables: (&Arc<[f32]>, &Arc<[f32]>, usize),
+    offset: usize,
+) -> Result<Tensor> {
+    let (cos, sin, half) = tables;
+    let (_, t, width) = x.dims3()?;
+    if width != heads * head_dim || 2 * half > head_dim || (offset + t) * half > cos.len() {
+        candle_core::bail!(
+            "rope_heads: {width} channels for {heads} heads of {head_dim}, rotating {} of them at positions {offset}..{}",
+            2 * half,
+            offset + t
+        );
+    }
+    let dtype = x.dtype();
+    let op = RopeHeads {
+        cos: Arc::clone(cos),
+        sin: Arc::clone(sin),
+        half,
+        heads,
+        head_dim,
+        offset,
+    };
+    x.to_dtype(DType::F32)?
+        .contiguous()?
+        .apply_op1(op)?
+        .to_dtype(dtype)
+}
+
+struct RopeHeads {
+    cos: Arc<[f32]>,
+    sin: Arc<[f32]>,
+    half: usize,
+    heads: usize,
+    head_dim: usize,
+    offset: usize,
+}
+
+impl CustomOp1 for RopeHeads {
+    fn name(&self) -> &'static str {
+        "moerge-rope-heads"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let src = f32_contiguous(storage, layout, self.name())?;
+        let (b, t, width) = layout.shape().dims3()?;
+        let (h, d, half) = (self.heads, self.head_dim, self.half);
+        let mut out = vec![0f32; src.len()];
+        // One output block per (batch, head): t rows of d channels.
+        out.par_chunks_mut(t * d)
+            .enumerate()
+            .for_each(|(bh, block)| {
+                let (bi, hi) = (bh / h, bh % h);
+                for (ti, row) in block.chunks_exact_mut(d).enumerate() {
+                    let from = (bi * t + ti) * width + hi * d;
+                    let x = &src[from..from + d];
+                    let pos = (self.offset + ti) * half;
+                    let (c, s) = (&self.cos[pos..pos + half], &self.sin[pos..pos + half]);
+                    for i in 0..half {
+                        let (x1, x2) = (x[i], x[i + half]);
+                        row[i] = x1 * c[i] - x2 * s[i];
+                        row[i + half] = x2 * c[i] + x1 * s[i];
+                    }
+                    row[2 * half..].copy_from_slice(&x[2 * half..]);
+                }
+            });
+        Ok((CpuStorage::F32(out), Shape::from((b, h, t, d))))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        // The rotation is orthogonal: its gradient rotates back by the same angle, then the
+        // heads are merged again.
+        let (b, h, t, d) = grad.dims4()?;
+        let half = self.half;
+        let rows = self.offset * half..(self.offset + t) * half;
+        let c = Tensor::from_slice(&self.cos[rows.clone()], (1, 1, t, half), grad.device())?;
+        let s = Tensor::from_slice(&self.sin[rows], (1, 1, t, half), grad.device())?;
+        let g1 = grad.narrow(3, 0, half)?;
+        let g2 = grad.narrow(3, half, half)?;
+        let r1 = (g1.broadcast_mul(&c)? + g2.broadcast_mul(&s)?)?;
+        let r2 = (g2.broadcast_mul(&c)? - g1.broadcast_mul(&s)?)?;
+        let mut parts = vec![r1, r2];
+        if 2 * half < d {
+            parts.push(grad.narrow(3, 2 * half, d - 2 * half)?);
+        }
+        let g = Tensor::cat(&parts, 3)?
+            .transpose(1, 2)?
+            .reshape((b, t, h * d))?;
+        Ok(Some(g))
     }
 }
 
@@ -334,6 +435,86 @@ mod tests {
             let x = input(&[2, 3, t, s]);
             let got = causal_softmax(&x, 0.25).unwrap();
             assert!(max_diff(&got, &reference(&x, 0.25)) < 1e-6, "t={t} s={s}");
+        }
+    }
+
+    /// The composed reference: split heads, rotate the first `2 half` channels of each.
+    fn rope_reference(
+        x: &Tensor,
+        heads: usize,
+        d: usize,
+        cos: &[f32],
+        sin: &[f32],
+        half: usize,
+        offset: usize,
+    ) -> Tensor {
+        let (b, t, _) = x.dims3().unwrap();
+        let x = x
+            .reshape((b, t, heads, d))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap();
+        let c = Tensor::from_slice(
+            &cos[offset * half..(offset + t) * half],
+            (t, half),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let s = Tensor::from_slice(
+            &sin[offset * half..(offset + t) * half],
+            (t, half),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let rot = candle_nn::rotary_emb::rope_slow(
+            &x.narrow(3, 0, 2 * half).unwrap().contiguous().unwrap(),
+            &c,
+            &s,
+        )
+        .unwrap();
+        if 2 * half == d {
+            return rot;
+        }
+        Tensor::cat(&[&rot, &x.narrow(3, 2 * half, d - 2 * half).unwrap()], 3).unwrap()
+    }
+
+    #[test]
+    fn rope_heads_matches_transpose_and_rope() {
+        let (heads, d, positions) = (3, 8, 20);
+        for half in [4, 2] {
+            let angles: Vec<f32> = (0..positions * half).map(|i| i as f32 * 0.37).collect();
+            let cos: Arc<[f32]> = angles.iter().map(|a| a.cos()).collect();
+            let sin: Arc<[f32]> = angles.iter().map(|a| a.sin()).collect();
+            let x = input(&[2, 5, heads * d]);
+            for offset in [0, 7] {
+                let got = rope_heads(&x, heads, d, (&cos, &sin, half), offset).unwrap();
+                let want = rope_reference(&x, heads, d, &cos, &sin, half, offset);
+                assert!(max_diff(&got, &want) < 1e-5, "half {half} offset {offset}");
+
+                let ours = Var::from_tensor(&x).unwrap();
+                let theirs = Var::from_tensor(&x).unwrap();
+                let w = input(&[2, heads, 5, d]).cos().unwrap();
+                let g1 = (rope_heads(ours.as_tensor(), heads, d, (&cos, &sin, half), offset)
+                    .unwrap()
+                    * &w)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                let g2 = (rope_reference(theirs.as_tensor(), heads, d, &cos, &sin, half, offset)
+                    * &w)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                let diff = max_diff(
+                    g1.get(ours.as_tensor()).unwrap(),
+                    g2.get(theirs.as_tensor()).unwrap(),
+                );
+                assert!(diff < 1e-5, "gradient differs by {diff}");
+            }
         }
     }
 

@@ -1,6 +1,8 @@
 //! Pieces shared by the model families: rotary tables, the causal mask, the KV cache, attention.
 
-use candle_core::{DType, Device, Module, Tensor, D};
+use std::sync::Arc;
+
+use candle_core::{DType, Module, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::adapter_linear::AdapterLinear;
@@ -100,20 +102,16 @@ impl KvCache {
 /// Precomputed `cos` / `sin` for rotary position embeddings over `rotary_dim` channels.
 #[derive(Debug, Clone)]
 pub(crate) struct RotaryTables {
-    rotary_dim: usize,
-    cos: Tensor,
-    sin: Tensor,
+    /// `[max_positions, half]`, row-major; shared by every clone of the model.
+    cos: Arc<[f32]>,
+    sin: Arc<[f32]>,
+    half: usize,
     max_positions: usize,
 }
 
 impl RotaryTables {
     /// `inv_freq` has `rotary_dim / 2` entries.
-    pub(crate) fn new(
-        inv_freq: &[f64],
-        max_positions: usize,
-        dtype: DType,
-        dev: &Device,
-    ) -> Result<Self> {
+    pub(crate) fn new(inv_freq: &[f64], max_positions: usize) -> Self {
         let half = inv_freq.len();
         let mut cos = Vec::with_capacity(max_positions * half);
         let mut sin = Vec::with_capacity(max_positions * half);
@@ -125,18 +123,25 @@ impl RotaryTables {
                 sin.push(angle.sin());
             }
         }
-        Ok(Self {
-            rotary_dim: half * 2,
-            cos: Tensor::from_vec(cos, (max_positions, half), dev)?.to_dtype(dtype)?,
-            sin: Tensor::from_vec(sin, (max_positions, half), dev)?.to_dtype(dtype)?,
+        Self {
+            cos: cos.into(),
+            sin: sin.into(),
+            half,
             max_positions,
-        })
+        }
     }
 
-    /// Rotates the first `rotary_dim` channels of `x` (`[b, heads, t, head_dim]`) as
-    /// transformers' `rotate_half` does, for positions `offset..offset + t`.
-    pub(crate) fn apply(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
-        let (_, _, t, head_dim) = x.dims4()?;
+    /// Splits a projection's output `[b, t, heads · head_dim]` into `[b, heads, t, head_dim]`
+    /// and rotates the first `rotary_dim` channels of each head as transformers'
+    /// `rotate_half` does, for positions `offset .. offset + t`.
+    pub(crate) fn apply_heads(
+        &self,
+        x: &Tensor,
+        heads: usize,
+        head_dim: usize,
+        offset: usize,
+    ) -> Result<Tensor> {
+        let t = x.dim(1)?;
         if offset + t > self.max_positions {
             return Err(EngineError::InvalidArgument {
                 argument: "sequence length",
@@ -147,15 +152,13 @@ impl RotaryTables {
                 ),
             });
         }
-        let cos = self.cos.narrow(0, offset, t)?;
-        let sin = self.sin.narrow(0, offset, t)?;
-        if self.rotary_dim == head_dim {
-            return Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)?);
-        }
-        let rot = x.narrow(D::Minus1, 0, self.rotary_dim)?.contiguous()?;
-        let pass = x.narrow(D::Minus1, self.rotary_dim, head_dim - self.rotary_dim)?;
-        let rot = candle_nn::rotary_emb::rope(&rot, &cos, &sin)?;
-        Ok(Tensor::cat(&[&rot, &pass], D::Minus1)?)
+        Ok(crate::kernels::rope_heads(
+            x,
+            heads,
+            head_dim,
+            (&self.cos, &self.sin, self.half),
+            offset,
+        )?)
     }
 }
 
@@ -243,12 +246,13 @@ impl SelfAttention {
             kv_heads,
             head_dim,
         } = self.heads;
-        let split = |y: Tensor, n: usize| -> Result<Tensor> {
-            Ok(y.reshape((b, t, n, head_dim))?.transpose(1, 2)?)
-        };
-        let q = rotary.apply(&split(self.q_proj.forward(x)?, heads)?, offset)?;
-        let k = rotary.apply(&split(self.k_proj.forward(x)?, kv_heads)?, offset)?;
-        let v = split(self.v_proj.forward(x)?, kv_heads)?.contiguous()?;
+        let q = rotary.apply_heads(&self.q_proj.forward(x)?, heads, head_dim, offset)?;
+        let k = rotary.apply_heads(&self.k_proj.forward(x)?, kv_heads, head_dim, offset)?;
+        let v = self
+            .v_proj
+            .forward(x)?
+            .reshape((b, t, kv_heads, head_dim))?;
+        let v = v.transpose(1, 2)?.contiguous()?;
         let (k, v) = cache.append(layer, k, v)?;
         Ok(self.out_proj.forward(&attention(&q, &k, &v, offset)?)?)
     }

@@ -95,12 +95,7 @@ impl Llama {
         }
         let head_dim = cfg.head_dim.unwrap_or(cfg.hidden_size / heads);
         let qkv_bias = cfg.attention_bias || model_type == "qwen2";
-        let rotary = RotaryTables::new(
-            &rope.inv_freq(head_dim),
-            cfg.max_position_embeddings,
-            vb.dtype(),
-            vb.device(),
-        )?;
+        let rotary = RotaryTables::new(&rope.inv_freq(head_dim), cfg.max_position_embeddings);
         let (h, i, eps) = (cfg.hidden_size, cfg.intermediate_size, cfg.rms_norm_eps);
         let vb_m = vb.pp("model");
         let embed = vb_m.pp("embed_tokens").get((cfg.vocab_size, h), "weight")?;

@@ -78,12 +78,7 @@ impl Phi {
         }
         let head_dim = cfg.hidden_size / heads;
         let rotary_dim = (rope.partial_rotary_factor * head_dim as f64) as usize;
-        let rotary = RotaryTables::new(
-            &rope.inv_freq(rotary_dim),
-            cfg.max_position_embeddings,
-            vb.dtype(),
-            vb.device(),
-        )?;
+        let rotary = RotaryTables::new(&rope.inv_freq(rotary_dim), cfg.max_position_embeddings);
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         let vb_m = vb.pp("model");
         let embed = vb_m.pp("embed_tokens").get((cfg.vocab_size, h), "weight")?;
