@@ -7,9 +7,16 @@ use std::process::{Command, Output};
 use safetensors::SafeTensors;
 
 fn fixtures() -> PathBuf {
-    std::env::var_os("MOERGE_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures"))
+    let dir = match std::env::var_os("MOERGE_FIXTURES") {
+        Some(d) => PathBuf::from(d),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures"),
+    };
+    assert!(
+        dir.join("dev-phi").is_dir(),
+        "PEFT fixtures not found at {} (set MOERGE_FIXTURES)",
+        dir.display()
+    );
+    dir
 }
 
 fn moerge(args: &[&str]) -> Output {

@@ -9,9 +9,9 @@
 //! use moerge_engine::{BaseModel, Precision, TextTokenizer, inference};
 //! use moerge_library::Adapter;
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let base = BaseModel::load_dir("examples/tiny-library/base".as_ref(), Precision::F32)?;
+//! let base = BaseModel::load_dir("path/to/base-model".as_ref(), Precision::F32)?;
 //! let tokenizer = TextTokenizer::from_dir(base.info().dir())?;
-//! let adapter = Adapter::load("examples/tiny-library/experts/upper".as_ref())?;
+//! let adapter = Adapter::load("path/to/peft-adapter".as_ref())?;
 //! let model = base.with_adapter(&adapter)?;
 //! let score = inference::score(&model, &tokenizer.encode("abc>")?, &tokenizer.encode("ABC\n")?)?;
 //! println!("mean NLL {:.3}", score.mean_nll());

@@ -12,9 +12,16 @@ use serde_json::json;
 
 /// The shared read-only fixtures (written by transformers + PEFT).
 pub fn fixtures() -> PathBuf {
-    std::env::var_os("MOERGE_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures"))
+    let dir = match std::env::var_os("MOERGE_FIXTURES") {
+        Some(d) => PathBuf::from(d),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures"),
+    };
+    assert!(
+        dir.join("dev-phi").is_dir(),
+        "PEFT fixtures not found at {} (set MOERGE_FIXTURES)",
+        dir.display()
+    );
+    dir
 }
 
 /// A deterministic source of small random tensors.
