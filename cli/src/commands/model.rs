@@ -148,7 +148,8 @@ pub fn generate(args: &GenerateArgs) -> Result<ExitCode> {
         temperature: args.temperature,
         top_p: args.top_p,
         seed: args.seed,
-        stop_ids: Vec::new(),
+        // A model that says it is done is done, whatever --max-tokens allows.
+        stop_ids: model.eos_token_ids(),
     };
     // Tokens travel from the compute thread to this one as they are made, so the text
     // streams; dropping the receiver (stop text seen) tells the generator to stop.

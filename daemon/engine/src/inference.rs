@@ -91,7 +91,7 @@ pub struct GenerateOptions {
     pub top_p: Option<f64>,
     /// Seed of the sampler, so a sampled generation can be repeated.
     pub seed: u64,
-    /// Generation stops after producing any of these ids.
+    /// Generation stops when the model picks any of these ids (not included in the output).
     pub stop_ids: Vec<u32>,
 }
 
@@ -150,8 +150,11 @@ pub fn generate(
     while out.len() < opts.max_tokens {
         let last = model.forward_last(&next_input, &mut cache)?.squeeze(0)?;
         let id = sampler.sample(&last)?;
+        if opts.stop_ids.contains(&id) {
+            break;
+        }
         out.push(id);
-        if on_token(id).is_break() || opts.stop_ids.contains(&id) {
+        if on_token(id).is_break() {
             break;
         }
         next_input = Tensor::new(&[id], model.device())?.unsqueeze(0)?;

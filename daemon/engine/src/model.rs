@@ -120,6 +120,16 @@ impl BaseModel {
         self.vocab_size
     }
 
+    /// The end-of-sequence ids `config.json` declares (`eos_token_id`: one id or a list).
+    pub fn eos_token_ids(&self) -> Vec<u32> {
+        let ids = &self.info.config_json()["eos_token_id"];
+        let one = |v: &serde_json::Value| v.as_u64().and_then(|id| u32::try_from(id).ok());
+        match ids.as_array() {
+            Some(list) => list.iter().filter_map(one).collect(),
+            None => one(ids).into_iter().collect(),
+        }
+    }
+
     /// Name of the attached adapter, if any.
     pub fn adapter_name(&self) -> Option<&str> {
         self.adapter.as_deref()
