@@ -193,6 +193,8 @@ pub fn save_logits(path: &std::path::Path, ids: &[u32], logits: &Tensor) -> Resu
             Tensor::from_vec(ids, n, logits.device())?,
         ),
     ]);
-    candle_core::safetensors::save(&tensors, path)?;
-    Ok(())
+    candle_core::safetensors::save(&tensors, path).map_err(|e| EngineError::InvalidArgument {
+        argument: "out",
+        message: format!("cannot write {}: {e}", path.display()),
+    })
 }
