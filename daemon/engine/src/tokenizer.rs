@@ -53,9 +53,14 @@ impl TextTokenizer {
 
 /// Turns a stream of token ids into a stream of text pieces, holding back bytes that do not
 /// yet form a whole UTF-8 character (byte-level tokenizers split characters across tokens).
+/// Only the ids since the last emitted piece are decoded again, so a long generation costs
+/// linear, not quadratic, time.
 pub struct StreamDecoder<'t> {
     tokenizer: &'t TextTokenizer,
     ids: Vec<u32>,
+    /// Start of the window decoded each time: a piece boundary already emitted.
+    window: usize,
+    /// End of the part of the window already emitted.
     emitted: usize,
 }
 
@@ -65,6 +70,7 @@ impl<'t> StreamDecoder<'t> {
         Self {
             tokenizer,
             ids: Vec::new(),
+            window: 0,
             emitted: 0,
         }
     }
@@ -72,16 +78,57 @@ impl<'t> StreamDecoder<'t> {
     /// Adds one token and returns the text it completes, if any.
     pub fn push(&mut self, id: u32) -> Result<Option<String>> {
         self.ids.push(id);
-        let text = self.tokenizer.decode(&self.ids)?;
+        // Decoding from a boundary (rather than the single new id) keeps tokenizers that
+        // look at neighbours, such as SentencePiece's leading spaces, right.
+        let before = self
+            .tokenizer
+            .decode(&self.ids[self.window..self.emitted])?;
+        let text = self.tokenizer.decode(&self.ids[self.window..])?;
         // A trailing U+FFFD means the last character is still incomplete.
-        if text.ends_with('\u{FFFD}') || text.len() <= self.emitted {
+        if text.len() <= before.len()
+            || text.ends_with('\u{FFFD}')
+            || !text.is_char_boundary(before.len())
+        {
             return Ok(None);
         }
-        if !text.is_char_boundary(self.emitted) {
-            return Ok(None);
-        }
-        let piece = text[self.emitted..].to_string();
-        self.emitted = text.len();
+        let piece = text[before.len()..].to_string();
+        self.window = self.emitted;
+        self.emitted = self.ids.len();
         Ok(Some(piece))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tokenizer() -> TextTokenizer {
+        let fixtures = std::env::var_os("MOERGE_FIXTURES")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| {
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures")
+            });
+        TextTokenizer::from_dir(&fixtures.join("dev-phi")).unwrap()
+    }
+
+    #[test]
+    fn streams_whole_characters_only() {
+        let tok = tokenizer();
+        let text = "héllo, wörld ✓!";
+        let ids = tok.encode(text).unwrap();
+        // Byte level: one id per UTF-8 byte, so "é" takes two ids and "✓" three.
+        assert_eq!(ids.len(), text.len());
+        let mut decoder = StreamDecoder::new(&tok);
+        let mut pieces = Vec::new();
+        for id in ids {
+            if let Some(p) = decoder.push(id).unwrap() {
+                pieces.push(p);
+            }
+        }
+        assert_eq!(pieces.concat(), text);
+        assert!(
+            pieces.contains(&"é".to_string()) && pieces.contains(&"✓".to_string()),
+            "{pieces:?}"
+        );
     }
 }
