@@ -1,0 +1,1 @@
+//! moerge daemon library (being built in issue 6).
