@@ -5,17 +5,19 @@
 //! wrong). We store `scale · B` once when an adapter is attached, which is the same
 //! product with the scale still outside `A x`, and saves one op per call.
 
-use candle_core::{DType, Module, Tensor};
+use candle_core::{DType, Module, Tensor, Var};
 
 use crate::error::Result;
 
 /// One low-rank update attached to a linear layer.
 #[derive(Debug, Clone)]
-struct LoraPath {
-    /// `Aᵀ`, shape `[in, r]`, in the model's compute dtype.
-    a_t: Tensor,
-    /// `(scale · B)ᵀ`, shape `[r, out]`.
-    scaled_b_t: Tensor,
+enum LoraPath {
+    /// Serving: prepared once. `a_t` is `Aᵀ` `[in, r]`, `scaled_b_t` is `(scale · B)ᵀ`
+    /// `[r, out]`, both contiguous in the model's compute dtype.
+    Frozen { a_t: Tensor, scaled_b_t: Tensor },
+    /// Training: the factors are variables the optimiser updates in place, so every forward
+    /// reads them afresh (a prepared copy would go stale after the first step).
+    Trainable { a: Var, b: Var, scale: f64 },
 }
 
 /// A linear layer of a base model that can carry a LoRA update.
@@ -102,11 +104,17 @@ impl AdapterLinear {
         }
         // Scale in f32 before any narrowing so a bf16 model rounds once, not twice.
         let scaled_b = (b.to_dtype(DType::F32)? * scale)?.to_dtype(dtype)?;
-        self.lora = Some(LoraPath {
+        self.lora = Some(LoraPath::Frozen {
             a_t: a.to_dtype(dtype)?.t()?.contiguous()?,
             scaled_b_t: scaled_b.t()?.contiguous()?,
         });
         Ok(())
+    }
+
+    /// Attaches trainable factors `a` `[r, in]` and `b` `[out, r]` (f32 variables): the
+    /// layer then computes `W x + b + scale · B (A x)` with gradients flowing to `a` and `b`.
+    pub(crate) fn set_trainable_lora(&mut self, a: Var, b: Var, scale: f64) {
+        self.lora = Some(LoraPath::Trainable { a, b, scale });
     }
 
     /// Removes the low-rank update, leaving the base layer.
@@ -135,9 +143,15 @@ impl Module for AdapterLinear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (x2, lead) = flatten(x)?;
         let mut y = self.base_2d(&x2)?;
-        if let Some(lora) = &self.lora {
-            let delta = x2.matmul(&lora.a_t)?.matmul(&lora.scaled_b_t)?;
-            y = (y + delta)?;
+        match &self.lora {
+            Some(LoraPath::Frozen { a_t, scaled_b_t }) => {
+                y = (y + x2.matmul(a_t)?.matmul(scaled_b_t)?)?;
+            }
+            Some(LoraPath::Trainable { a, b, scale }) => {
+                let delta = (x2.matmul(&a.t()?)?.matmul(&b.t()?)? * *scale)?;
+                y = (y + delta)?;
+            }
+            None => {}
         }
         unflatten(y, &lead)
     }

@@ -29,6 +29,8 @@ mod model;
 mod phi;
 mod threads;
 mod tokenizer;
+mod trainable;
+pub mod trainer;
 mod worker;
 
 pub use adapter_linear::AdapterLinear;
@@ -38,5 +40,6 @@ pub use llama::{Llama, LlamaConfig};
 pub use model::{BaseModel, Precision};
 pub use phi::{Phi, PhiConfig};
 pub use threads::prefer_data_parallelism;
-pub use tokenizer::{StreamDecoder, TextTokenizer};
+pub use tokenizer::{write_byte_level_tokenizer, StreamDecoder, TextTokenizer};
+pub use trainable::{write_random_base, LoraSpec, TrainableBase, TrainableLora};
 pub use worker::{ComputeWorker, Pending};

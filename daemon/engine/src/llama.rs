@@ -9,14 +9,14 @@
 use std::path::Path;
 
 use candle_core::{Module, Tensor};
-use candle_nn::{Embedding, RmsNorm, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
 use serde::Deserialize;
 use serde_json::Value;
 
 use crate::adapter_linear::AdapterLinear;
 use crate::config;
 use crate::error::{EngineError, Result};
-use crate::layers::{Heads, KvCache, RotaryTables, SelfAttention};
+use crate::layers::{Heads, KvCache, Norm, RotaryTables, SelfAttention};
 
 /// The fields of a Llama-style `config.json` this implementation reads.
 #[derive(Debug, Clone, Deserialize)]
@@ -47,9 +47,9 @@ fn default_act() -> String {
 
 #[derive(Clone)]
 struct LlamaLayer {
-    input_layernorm: RmsNorm,
+    input_layernorm: Norm,
     self_attn: SelfAttention,
-    post_attention_layernorm: RmsNorm,
+    post_attention_layernorm: Norm,
     gate_proj: AdapterLinear,
     up_proj: AdapterLinear,
     down_proj: AdapterLinear,
@@ -61,7 +61,7 @@ pub struct Llama {
     cfg: LlamaConfig,
     embed_tokens: Embedding,
     layers: Vec<LlamaLayer>,
-    norm: RmsNorm,
+    norm: Norm,
     lm_head: AdapterLinear,
     rotary: RotaryTables,
 }
@@ -110,15 +110,15 @@ impl Llama {
             };
             let out = ("o_proj", cfg.attention_bias);
             layers.push(LlamaLayer {
-                input_layernorm: rms_norm(h, eps, vb_l.pp("input_layernorm"))?,
+                input_layernorm: Norm::rms(h, eps, vb_l.pp("input_layernorm"))?,
                 self_attn: SelfAttention::load(vb_l.pp("self_attn"), h, shape, qkv_bias, out)?,
-                post_attention_layernorm: rms_norm(h, eps, vb_l.pp("post_attention_layernorm"))?,
+                post_attention_layernorm: Norm::rms(h, eps, vb_l.pp("post_attention_layernorm"))?,
                 gate_proj: AdapterLinear::load(h, i, cfg.mlp_bias, mlp.pp("gate_proj"))?,
                 up_proj: AdapterLinear::load(h, i, cfg.mlp_bias, mlp.pp("up_proj"))?,
                 down_proj: AdapterLinear::load(i, h, cfg.mlp_bias, mlp.pp("down_proj"))?,
             });
         }
-        let norm = rms_norm(h, eps, vb_m.pp("norm"))?;
+        let norm = Norm::rms(h, eps, vb_m.pp("norm"))?;
         // Tied checkpoints (like the dev fixtures) have no lm_head.weight at all.
         let lm_head = if cfg.tie_word_embeddings {
             AdapterLinear::new("lm_head", embed.clone(), None)
@@ -153,7 +153,7 @@ impl Llama {
                 .forward(&(gate * layer.up_proj.forward(&normed)?)?)?;
             x = (x + mlp)?;
         }
-        Ok(self.norm.forward(&x)?)
+        self.norm.forward(&x)
     }
 
     /// The output projection.
@@ -182,8 +182,4 @@ impl Llama {
         out.push(&mut self.lm_head);
         out
     }
-}
-
-fn rms_norm(size: usize, eps: f64, vb: VarBuilder<'_>) -> Result<RmsNorm> {
-    Ok(RmsNorm::new(vb.get(size, "weight")?, eps))
 }

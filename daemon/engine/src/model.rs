@@ -27,7 +27,7 @@ pub enum Precision {
 }
 
 impl Precision {
-    fn dtype(self) -> DType {
+    pub(crate) fn dtype(self) -> DType {
         match self {
             Precision::F32 => DType::F32,
             Precision::Bf16 => DType::BF16,
@@ -36,9 +36,32 @@ impl Precision {
 }
 
 #[derive(Clone)]
-enum Family {
+pub(crate) enum Family {
     Phi(Phi),
     Llama(Llama),
+}
+
+impl Family {
+    /// The implementation `model_type` names, built from `json` and the tensors in `vb`.
+    pub(crate) fn load(
+        model_type: &str,
+        json: &serde_json::Value,
+        config_path: &Path,
+        vb: VarBuilder<'_>,
+    ) -> Result<Self> {
+        Ok(match model_type {
+            "phi" => Family::Phi(Phi::load(json, config_path, vb)?),
+            "llama" | "mistral" | "qwen2" => {
+                Family::Llama(Llama::load(json, config_path, model_type, vb)?)
+            }
+            other => {
+                return Err(EngineError::UnsupportedModel {
+                    path: config_path.to_path_buf(),
+                    model_type: other.to_string(),
+                })
+            }
+        })
+    }
 }
 
 /// A base model plus whatever adapters are attached to it.
@@ -59,28 +82,28 @@ pub struct BaseModel {
 impl BaseModel {
     /// Loads `config.json` and the safetensors weights described by `info` (memory-mapped).
     pub fn load(info: BaseModelInfo, precision: Precision) -> Result<Self> {
-        let device = Device::Cpu;
-        let config_path = info.dir().join("config.json");
-        let json = info.config_json().clone();
         // SAFETY: the weight files are memory-mapped read-only. Like every mmap user we
         // rely on nobody truncating them while the model is loaded; candle copies each
         // tensor out of the map when it is fetched, so later edits cannot tear a forward.
         let vb = unsafe {
-            VarBuilder::from_mmaped_safetensors(info.weight_files(), precision.dtype(), &device)?
+            VarBuilder::from_mmaped_safetensors(
+                info.weight_files(),
+                precision.dtype(),
+                &Device::Cpu,
+            )?
         };
-        let model_type = info.model_type().to_string();
-        let family = match model_type.as_str() {
-            "phi" => Family::Phi(Phi::load(&json, &config_path, vb)?),
-            "llama" | "mistral" | "qwen2" => {
-                Family::Llama(Llama::load(&json, &config_path, &model_type, vb)?)
-            }
-            other => {
-                return Err(EngineError::UnsupportedModel {
-                    path: config_path,
-                    model_type: other.to_string(),
-                })
-            }
-        };
+        Self::from_var_builder(info, precision, vb)
+    }
+
+    /// Builds the family `info` names from whatever `vb` provides (mapped files, or
+    /// variables when training).
+    pub(crate) fn from_var_builder(
+        info: BaseModelInfo,
+        precision: Precision,
+        vb: VarBuilder<'_>,
+    ) -> Result<Self> {
+        let config_path = info.dir().join("config.json");
+        let family = Family::load(info.model_type(), info.config_json(), &config_path, vb)?;
         let vocab_size = match &family {
             Family::Phi(m) => m.config().vocab_size,
             Family::Llama(m) => m.config().vocab_size,
@@ -89,7 +112,7 @@ impl BaseModel {
             info: Arc::new(info),
             family,
             precision,
-            device,
+            device: Device::Cpu,
             vocab_size,
             adapter: None,
         })
@@ -188,7 +211,7 @@ impl BaseModel {
         }
     }
 
-    fn linears_mut(&mut self) -> Vec<&mut AdapterLinear> {
+    pub(crate) fn linears_mut(&mut self) -> Vec<&mut AdapterLinear> {
         match &mut self.family {
             Family::Phi(m) => m.linears_mut(),
             Family::Llama(m) => m.linears_mut(),

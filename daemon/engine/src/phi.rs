@@ -8,14 +8,14 @@
 use std::path::Path;
 
 use candle_core::{Module, Tensor};
-use candle_nn::{Activation, Embedding, LayerNorm, VarBuilder};
+use candle_nn::{Activation, Embedding, VarBuilder};
 use serde::Deserialize;
 use serde_json::Value;
 
 use crate::adapter_linear::AdapterLinear;
 use crate::config::{self, RopeSettings};
 use crate::error::{EngineError, Result};
-use crate::layers::{Heads, KvCache, RotaryTables, SelfAttention};
+use crate::layers::{Heads, KvCache, Norm, RotaryTables, SelfAttention};
 
 /// The fields of a Phi `config.json` this implementation reads.
 #[derive(Debug, Clone, Deserialize)]
@@ -37,7 +37,7 @@ pub struct PhiConfig {
 
 #[derive(Clone)]
 struct PhiLayer {
-    input_layernorm: LayerNorm,
+    input_layernorm: Norm,
     self_attn: SelfAttention,
     fc1: AdapterLinear,
     fc2: AdapterLinear,
@@ -49,7 +49,7 @@ pub struct Phi {
     cfg: PhiConfig,
     embed_tokens: Embedding,
     layers: Vec<PhiLayer>,
-    final_layernorm: LayerNorm,
+    final_layernorm: Norm,
     lm_head: AdapterLinear,
     rotary: RotaryTables,
 }
@@ -93,7 +93,7 @@ impl Phi {
                 head_dim,
             };
             layers.push(PhiLayer {
-                input_layernorm: layer_norm(h, cfg.layer_norm_eps, vb_l.pp("input_layernorm"))?,
+                input_layernorm: Norm::layer(h, cfg.layer_norm_eps, vb_l.pp("input_layernorm"))?,
                 self_attn: SelfAttention::load(
                     vb_l.pp("self_attn"),
                     h,
@@ -105,7 +105,7 @@ impl Phi {
                 fc2: AdapterLinear::load(i, h, true, mlp.pp("fc2"))?,
             });
         }
-        let final_layernorm = layer_norm(h, cfg.layer_norm_eps, vb_m.pp("final_layernorm"))?;
+        let final_layernorm = Norm::layer(h, cfg.layer_norm_eps, vb_m.pp("final_layernorm"))?;
         let lm_head = if cfg.tie_word_embeddings {
             // Tied: the output weight is the embedding; the bias is still the checkpoint's.
             let bias = vb.pp("lm_head").get(cfg.vocab_size, "bias").ok();
@@ -141,7 +141,7 @@ impl Phi {
                 .forward(&self.activation(&layer.fc1.forward(&normed)?)?)?;
             x = ((attn + ff)? + x)?;
         }
-        Ok(self.final_layernorm.forward(&x)?)
+        self.final_layernorm.forward(&x)
     }
 
     fn activation(&self, x: &Tensor) -> Result<Tensor> {
@@ -178,12 +178,4 @@ impl Phi {
         out.push(&mut self.lm_head);
         out
     }
-}
-
-fn layer_norm(size: usize, eps: f64, vb: VarBuilder<'_>) -> Result<LayerNorm> {
-    Ok(LayerNorm::new(
-        vb.get(size, "weight")?,
-        vb.get(size, "bias")?,
-        eps,
-    ))
 }

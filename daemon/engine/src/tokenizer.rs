@@ -51,6 +51,47 @@ impl TextTokenizer {
     }
 }
 
+/// Writes a byte-level `tokenizer.json` to `dir`: token id == UTF-8 byte value (vocabulary
+/// 256, no merges, no special tokens), in the format transformers and `tokenizers` read.
+pub fn write_byte_level_tokenizer(dir: &Path) -> Result<()> {
+    // GPT-2's byte-to-unicode table: printable bytes stand for themselves, the others are
+    // shifted past U+00FF in byte order.
+    let printable =
+        |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let mut shifted = 0;
+    let mut vocab = serde_json::Map::new();
+    for b in 0u32..256 {
+        let ch = if printable(b) {
+            char::from_u32(b)
+        } else {
+            shifted += 1;
+            char::from_u32(255 + shifted)
+        };
+        vocab.insert(ch.expect("valid code point").to_string(), b.into());
+    }
+    let json = serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": [],
+        "normalizer": null,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false},
+        "post_processor": null,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {
+            "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+            "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+            "ignore_merges": false, "vocab": vocab, "merges": []
+        }
+    });
+    let path = dir.join("tokenizer.json");
+    let text = serde_json::to_string_pretty(&json).expect("JSON serialises");
+    std::fs::write(&path, text).map_err(|e| EngineError::Tokenizer {
+        path,
+        message: e.to_string(),
+    })
+}
+
 /// Turns a stream of token ids into a stream of text pieces, holding back bytes that do not
 /// yet form a whole UTF-8 character (byte-level tokenizers split characters across tokens).
 /// Only the ids since the last emitted piece are decoded again, so a long generation costs
@@ -109,6 +150,22 @@ mod tests {
                 Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures")
             });
         TextTokenizer::from_dir(&fixtures.join("dev-phi")).unwrap()
+    }
+
+    #[test]
+    fn written_byte_level_tokenizer_matches_the_fixture() {
+        let tmp = tempfile::tempdir().unwrap();
+        write_byte_level_tokenizer(tmp.path()).unwrap();
+        let ours = TextTokenizer::from_dir(tmp.path()).unwrap();
+        let theirs = tokenizer();
+        let text = "Hé >\n\t~\u{7f} ✓ 57-12=45";
+        assert_eq!(ours.encode(text).unwrap(), theirs.encode(text).unwrap());
+        assert_eq!(
+            ours.encode(text).unwrap(),
+            text.bytes().map(u32::from).collect::<Vec<_>>()
+        );
+        let all: Vec<u32> = (0..256).collect();
+        assert_eq!(ours.decode(&all).unwrap(), theirs.decode(&all).unwrap());
     }
 
     #[test]

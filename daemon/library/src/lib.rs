@@ -33,9 +33,11 @@ pub mod base;
 pub mod config;
 pub mod error;
 mod hash;
+mod metadata;
 mod ordered_json;
 pub mod safetensors_header;
 pub mod source;
+mod write;
 
 pub use adapter::{
     inspect_adapter, Adapter, AdapterReport, AdapterState, LoraModule, ModuleReport, TensorRef,
@@ -44,7 +46,9 @@ pub use base::{BaseModelInfo, LinearShape};
 pub use config::{AdapterConfig, TargetModules};
 pub use error::{AdapterError, BaseError, Incompatibility};
 pub use hash::{ContentHash, ParseHashError};
+pub use metadata::{ExpertMetadata, METADATA_FILE};
 pub use safetensors_header::{Dtype, HeaderError};
+pub use write::{write_adapter, NewAdapter, NewModule};
 
 /// The name of a folder as given (`.` and `..` resolved), used to name adapters and bases.
 pub(crate) fn folder_name(dir: &std::path::Path) -> String {

@@ -1,0 +1,226 @@
+//! Training with candle autograd: AdamW over a given set of variables (LoRA factors, a whole
+//! base, later a plan's merge weights or routers), everything else frozen. Loss is the mean
+//! NLL of completion tokens, as the paper reports it. Deterministic for a seed on CPU.
+
+use std::ops::ControlFlow;
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
+use rand::{Rng, SeedableRng};
+
+use crate::error::{EngineError, Result};
+use crate::layers::KvCache;
+use crate::model::BaseModel;
+
+/// One training or evaluation record, tokenized.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Example {
+    pub task: Option<String>,
+    pub prompt: Vec<u32>,
+    pub completion: Vec<u32>,
+}
+
+/// How to train.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainOptions {
+    pub steps: usize,
+    pub batch_size: usize,
+    /// Peak learning rate, reached after `warmup_steps`, then cosine decay to a tenth.
+    pub lr: f64,
+    pub warmup_steps: usize,
+    pub weight_decay: f64,
+    /// Global gradient-norm clip; 0 disables it.
+    pub grad_clip: f64,
+    /// Seeds the order in which examples are drawn.
+    pub seed: u64,
+}
+
+impl Default for TrainOptions {
+    fn default() -> Self {
+        Self {
+            steps: 200,
+            batch_size: 16,
+            lr: 1e-3,
+            warmup_steps: 10,
+            weight_decay: 0.0,
+            grad_clip: 1.0,
+            seed: 0,
+        }
+    }
+}
+
+/// Progress after one optimiser step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepReport {
+    pub step: usize,
+    pub steps: usize,
+    pub loss: f32,
+    pub lr: f64,
+}
+
+/// What a run did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainSummary {
+    pub steps: usize,
+    pub first_loss: f32,
+    /// Mean of the last (up to) ten steps' losses.
+    pub final_loss: f32,
+}
+
+/// Learning rate at `step` (0-based): linear warm-up, then cosine decay to 10% of the peak.
+pub fn learning_rate(opts: &TrainOptions, step: usize) -> f64 {
+    if step < opts.warmup_steps {
+        return opts.lr * (step + 1) as f64 / opts.warmup_steps as f64;
+    }
+    let span = opts.steps.saturating_sub(opts.warmup_steps).max(1) as f64;
+    let progress = ((step - opts.warmup_steps) as f64 / span).min(1.0);
+    let cosine = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
+    opts.lr * (0.1 + 0.9 * cosine)
+}
+
+/// Trains `params` (variables the model reads) to lower the completion loss on `data`.
+/// `on_step` sees every step and may stop the run early.
+pub fn train(
+    model: &BaseModel,
+    params: Vec<Var>,
+    data: &[Example],
+    opts: &TrainOptions,
+    mut on_step: impl FnMut(&StepReport) -> ControlFlow<()>,
+) -> Result<TrainSummary> {
+    if data.is_empty() || opts.batch_size == 0 || params.is_empty() {
+        return Err(EngineError::InvalidArgument {
+            argument: "training",
+            message: "needs data, a batch size of at least 1 and something to train".into(),
+        });
+    }
+    let mut optimizer = AdamW::new(
+        params.clone(),
+        ParamsAdamW {
+            lr: opts.lr,
+            weight_decay: opts.weight_decay,
+            ..Default::default()
+        },
+    )?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(opts.seed);
+    let mut losses = Vec::with_capacity(opts.steps);
+    for step in 0..opts.steps {
+        let batch: Vec<&Example> = (0..opts.batch_size)
+            .map(|_| &data[rng.random_range(0..data.len())])
+            .collect();
+        let loss = batch_loss(model, &batch)?;
+        let mut grads = loss.backward()?;
+        if opts.grad_clip > 0.0 {
+            clip_gradients(&params, &mut grads, opts.grad_clip)?;
+        }
+        let lr = learning_rate(opts, step);
+        optimizer.set_learning_rate(lr);
+        optimizer.step(&grads)?;
+        let loss = loss.to_scalar::<f32>()?;
+        losses.push(loss);
+        let report = StepReport {
+            step: step + 1,
+            steps: opts.steps,
+            loss,
+            lr,
+        };
+        if on_step(&report).is_break() {
+            break;
+        }
+    }
+    let tail = &losses[losses.len().saturating_sub(10)..];
+    Ok(TrainSummary {
+        steps: losses.len(),
+        first_loss: losses[0],
+        final_loss: tail.iter().sum::<f32>() / tail.len() as f32,
+    })
+}
+
+/// Scales all gradients down together when their global norm exceeds `max_norm`.
+fn clip_gradients(
+    params: &[Var],
+    grads: &mut candle_core::backprop::GradStore,
+    max_norm: f64,
+) -> Result<()> {
+    let mut total = 0f64;
+    for p in params {
+        if let Some(g) = grads.get(p) {
+            total += f64::from(g.sqr()?.sum_all()?.to_scalar::<f32>()?);
+        }
+    }
+    let norm = total.sqrt();
+    if norm > max_norm {
+        let factor = max_norm / (norm + 1e-6);
+        for p in params {
+            if let Some(g) = grads.remove(p) {
+                grads.insert(p, (g * factor)?);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Token ids `[b, t]` of prompt + completion (right-padded with 0), and a mask `[b, t - 1]`
+/// that is 1 where position `p` predicts a completion token.
+fn pack(batch: &[&Example]) -> Result<(Tensor, Tensor, Tensor)> {
+    let t = batch
+        .iter()
+        .map(|e| e.prompt.len() + e.completion.len())
+        .max()
+        .unwrap_or(0);
+    if t < 2
+        || batch
+            .iter()
+            .any(|e| e.prompt.is_empty() || e.completion.is_empty())
+    {
+        return Err(EngineError::InvalidArgument {
+            argument: "example",
+            message: "every example needs a non-empty prompt and completion".into(),
+        });
+    }
+    let mut ids = vec![0u32; batch.len() * t];
+    let mut mask = vec![0f32; batch.len() * (t - 1)];
+    for (i, e) in batch.iter().enumerate() {
+        let row = &mut ids[i * t..(i + 1) * t];
+        for (slot, id) in row.iter_mut().zip(e.prompt.iter().chain(&e.completion)) {
+            *slot = *id;
+        }
+        let first = e.prompt.len() - 1;
+        for m in &mut mask[i * (t - 1) + first..i * (t - 1) + first + e.completion.len()] {
+            *m = 1.0;
+        }
+    }
+    let ids = Tensor::from_vec(ids, (batch.len(), t), &Device::Cpu)?;
+    let targets = ids.narrow(1, 1, t - 1)?.contiguous()?;
+    let mask = Tensor::from_vec(mask, (batch.len(), t - 1), &Device::Cpu)?;
+    Ok((ids, targets, mask))
+}
+
+/// Per-token NLL `[b, t - 1]` (masked to completion tokens) and the mask.
+fn masked_nll(model: &BaseModel, batch: &[&Example]) -> Result<(Tensor, Tensor)> {
+    let (ids, targets, mask) = pack(batch)?;
+    let t = ids.dim(1)?;
+    let logits = model
+        .forward(&ids, &mut KvCache::new())?
+        .narrow(1, 0, t - 1)?;
+    let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+    let picked = log_probs.gather(&targets.unsqueeze(2)?, 2)?.squeeze(2)?;
+    Ok(((picked.neg()? * &mask)?, mask))
+}
+
+/// Mean NLL over every completion token of the batch (a scalar with gradients).
+pub fn batch_loss(model: &BaseModel, batch: &[&Example]) -> Result<Tensor> {
+    let (nll, mask) = masked_nll(model, batch)?;
+    Ok((nll.sum_all()? / mask.sum_all()?.to_dtype(DType::F32)?)?)
+}
+
+/// Each example's mean NLL per completion token (the paper's loss), in batches.
+pub fn example_losses(model: &BaseModel, data: &[Example], batch_size: usize) -> Result<Vec<f32>> {
+    let mut out = Vec::with_capacity(data.len());
+    for chunk in data.chunks(batch_size.max(1)) {
+        let refs: Vec<&Example> = chunk.iter().collect();
+        let (nll, mask) = masked_nll(model, &refs)?;
+        let per_row = (nll.sum(1)? / mask.sum(1)?)?;
+        out.extend(per_row.to_vec1::<f32>()?);
+    }
+    Ok(out)
+}
