@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use moerge_daemon::service::{default_state_dir, Service, ServiceConfig};
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tracing_subscriber::EnvFilter;
 
 /// Keeps a library of LoRA experts indexed and watched, and serves fused models from it.
@@ -61,6 +61,17 @@ fn run(args: Args) -> anyhow::Result<()> {
     let mut config = ServiceConfig::new(args.library, args.base, state.clone());
     config.debounce = Duration::from_millis(args.debounce_ms);
     config.settle = Duration::from_millis(args.settle_ms);
+
+    // Signal handlers go in before anything is announced: a SIGTERM that arrives once we
+    // say "serving" must mean a clean shutdown, not the default instant death.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let signals = {
+        let _entered = runtime.enter();
+        Signals::install()?
+    };
     let service = Service::start(config)?;
 
     let startup = service.startup();
@@ -79,22 +90,30 @@ fn run(args: Args) -> anyhow::Result<()> {
         "serving"
     );
 
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    let signal_name = runtime.block_on(wait_for_signal())?;
+    let signal_name = runtime.block_on(signals.wait());
     tracing::info!(signal = signal_name, "shutting down");
     service.shutdown();
     tracing::info!("stopped");
     Ok(())
 }
 
-async fn wait_for_signal() -> anyhow::Result<&'static str> {
-    let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
-    let mut interrupt = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
-    Ok(tokio::select! {
-        _ = terminate.recv() => "SIGTERM",
-        _ = interrupt.recv() => "SIGINT",
-    })
+struct Signals {
+    terminate: Signal,
+    interrupt: Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Signals> {
+        Ok(Signals {
+            terminate: signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?,
+            interrupt: signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?,
+        })
+    }
+
+    async fn wait(mut self) -> &'static str {
+        tokio::select! {
+            _ = self.terminate.recv() => "SIGTERM",
+            _ = self.interrupt.recv() => "SIGINT",
+        }
+    }
 }
