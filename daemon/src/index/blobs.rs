@@ -1,16 +1,19 @@
 //! The content-addressed blob folder beside the database: big tensors (sketches, router
 //! matrices) that would bloat sled's log.
 //!
-//! A blob is written to `tmp/`, fsynced, renamed to `<2 hex>/<64 hex>` and its folder
-//! fsynced *before* any record naming it is committed, so a committed record never points at
-//! a missing blob. A crash can leave a blob no record names; [`BlobStore::collect_garbage`]
-//! removes those (and stray temporary files) while no writer runs.
+//! A blob is written to `tmp/` and renamed to `<2 hex>/<64 hex>`; [`BlobStore::sync`] makes
+//! every blob written so far durable, and writers call it *before* committing the records
+//! that name them, so a committed record never points at a missing or partial blob. Syncing
+//! once per batch rather than once per blob matters: a cold start writes a sketch per expert.
+//! A crash can leave a blob no record names; [`BlobStore::collect_garbage`] removes those
+//! (and stray temporary files) while no writer runs.
 
 use std::collections::HashSet;
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use super::error::IndexError;
 use super::records::BlobId;
@@ -21,6 +24,10 @@ const TMP: &str = "tmp";
 pub(crate) struct BlobStore {
     dir: PathBuf,
     counter: AtomicU64,
+    /// Blobs written since the last [`BlobStore::sync`].
+    unsynced: Mutex<Vec<PathBuf>>,
+    /// Blobs written ahead of the commit that will name them; garbage collection spares them.
+    staged: Mutex<HashSet<BlobId>>,
 }
 
 impl BlobStore {
@@ -29,6 +36,8 @@ impl BlobStore {
         Ok(BlobStore {
             dir: dir.to_owned(),
             counter: AtomicU64::new(0),
+            unsynced: Mutex::new(Vec::new()),
+            staged: Mutex::new(HashSet::new()),
         })
     }
 
@@ -44,11 +53,13 @@ impl BlobStore {
         self.dir.join(&hex[..2]).join(hex)
     }
 
-    /// Stores `bytes` durably and returns their id. Idempotent.
+    /// Stores `bytes` and returns their id; durable after the next [`BlobStore::sync`].
+    /// Idempotent.
     pub(crate) fn put(&self, bytes: &[u8]) -> Result<BlobId, IndexError> {
         let id = Self::id_of(bytes);
         let path = self.path(&id);
-        if path.is_file() {
+        // An orphan left by a crash before its sync may be short; such a file is rewritten.
+        if fs::metadata(&path).is_ok_and(|m| m.len() == bytes.len() as u64) {
             return Ok(id);
         }
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
@@ -62,13 +73,58 @@ impl BlobStore {
         };
         let mut file = File::create(&tmp).map_err(io(&tmp))?;
         file.write_all(bytes).map_err(io(&tmp))?;
-        file.sync_all().map_err(io(&tmp))?;
         let parent = path.parent().expect("blob paths have a parent");
         fs::create_dir_all(parent).map_err(io(parent))?;
         fs::rename(&tmp, &path).map_err(io(&path))?;
-        // The rename is durable only once the folder holding the new name is.
-        sync_dir(parent)?;
+        self.unsynced
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(path);
         Ok(id)
+    }
+
+    /// Like [`BlobStore::put`], and spared by garbage collection until [`BlobStore::unstage`].
+    pub(crate) fn put_staged(&self, bytes: &[u8]) -> Result<BlobId, IndexError> {
+        let id = self.put(bytes)?;
+        self.staged
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id);
+        Ok(id)
+    }
+
+    pub(crate) fn unstage(&self, ids: &[BlobId]) {
+        let mut staged = self.staged.lock().unwrap_or_else(|p| p.into_inner());
+        for id in ids {
+            staged.remove(id);
+        }
+    }
+
+    /// Makes every blob written so far durable: contents and names.
+    pub(crate) fn sync(&self) -> Result<(), IndexError> {
+        let mut unsynced = self.unsynced.lock().unwrap_or_else(|p| p.into_inner());
+        if unsynced.is_empty() {
+            return Ok(());
+        }
+        // One syncfs flushes every file and folder of the file system at once.
+        #[cfg(target_os = "linux")]
+        {
+            let dir = File::open(&self.dir).map_err(|e| IndexError::io(&self.dir, e))?;
+            rustix::fs::syncfs(&dir).map_err(|e| IndexError::io(&self.dir, e.into()))?;
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            let mut dirs = std::collections::BTreeSet::new();
+            for path in unsynced.iter() {
+                File::open(path)
+                    .and_then(|f| f.sync_all())
+                    .map_err(|e| IndexError::io(path, e))?;
+                dirs.insert(path.parent().expect("blob paths have a parent").to_owned());
+            }
+            dirs.iter().try_for_each(|d| sync_dir(d))?;
+        }
+        unsynced.clear();
+        Ok(())
     }
 
     pub(crate) fn read(&self, id: &BlobId) -> Result<Vec<u8>, IndexError> {
@@ -113,7 +169,15 @@ impl BlobStore {
             remove(&tmp)?;
         }
         let (blobs, strays) = self.list()?;
-        for id in blobs.iter().filter(|id| !referenced.contains(id)) {
+        let staged = self
+            .staged
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        for id in blobs
+            .iter()
+            .filter(|id| !referenced.contains(id) && !staged.contains(id))
+        {
             remove(&self.path(id))?;
             removed += 1;
         }

@@ -202,8 +202,12 @@ fn derived_data_outlives_a_rename_and_is_collected_when_its_content_is_gone() {
     let update = LibraryUpdate {
         upserts: vec![expert("a", 1, 1)],
         derived: vec![
-            (hash(1), "sketch/v1".into(), big.clone()),
-            (hash(1), "tiny".into(), vec![2]),
+            (
+                hash(1),
+                "sketch/v1".into(),
+                index.stage_derived(&big).unwrap(),
+            ),
+            (hash(1), "tiny".into(), index.stage_derived(&[2]).unwrap()),
         ],
         visible: true,
         ..Default::default()
@@ -391,6 +395,7 @@ fn a_missing_blob_is_reported_with_its_owner() {
 fn garbage_collection_removes_orphans_and_temporary_files() {
     let dir = tempfile::tempdir().unwrap();
     let index = Index::open(dir.path()).unwrap();
+    let staged = index.stage_derived(&[9u8; INLINE_LIMIT + 1]).unwrap();
     let orphan = index
         .blobs
         .put(b"written, then the process died before the commit")
@@ -401,8 +406,16 @@ fn garbage_collection_removes_orphans_and_temporary_files() {
         .put_plan("p", &[plan_expert("a", 1)], "{}", &[("w", b"kept")])
         .unwrap()
         .tensors["w"];
+    let DerivedValue::Blob(staged) = staged else {
+        panic!("a value over the limit goes to a blob")
+    };
     assert_eq!(index.collect_garbage().unwrap().blobs_removed, 1);
-    assert_eq!(index.blob_files().unwrap(), vec![kept]);
+    let blobs: std::collections::BTreeSet<_> = index.blob_files().unwrap().into_iter().collect();
+    assert_eq!(
+        blobs,
+        [kept, staged].into(),
+        "a staged blob waits for its commit"
+    );
     assert!(!index.blobs.exists(&orphan));
     assert_eq!(
         std::fs::read_dir(dir.path().join("blobs/tmp"))

@@ -20,8 +20,9 @@ pub struct LibraryUpdate {
     pub upserts: Vec<ExpertRecord>,
     /// Names that left the library.
     pub removals: Vec<String>,
-    /// Newly derived data: content hash, kind (e.g. `sketch/v1`), bytes.
-    pub derived: Vec<(ContentHash, String, Vec<u8>)>,
+    /// Newly derived data: content hash, kind (e.g. `sketch/v1`), and the value prepared by
+    /// [`Index::stage_derived`].
+    pub derived: Vec<(ContentHash, String, DerivedValue)>,
     /// The base model identity the states were computed against, when it is to be recorded.
     pub base: Option<String>,
     /// Whether the change is visible to clients (then the library generation is bumped and
@@ -82,19 +83,16 @@ impl Index {
             batch.put(TreeId::Experts, key, &schema::encode_expert(record));
             touched.insert(record.name.clone());
         }
-        for (hash, kind, bytes) in &update.derived {
-            let value = if bytes.len() > INLINE_LIMIT {
-                // Written and synced before the commit that names it; see blobs.rs.
-                DerivedValue::Blob(self.blobs.put(bytes)?)
-            } else {
-                DerivedValue::Inline(bytes.clone())
-            };
-            batch.put(
-                TreeId::Derived,
-                schema::hash_name_key(hash, kind),
-                &schema::encode_derived(&value),
-            );
+        let mut staged = Vec::new();
+        for (hash, kind, value) in &update.derived {
+            if let DerivedValue::Blob(id) = value {
+                staged.push(*id);
+            }
+            let key = schema::hash_name_key(hash, kind);
+            batch.put(TreeId::Derived, key, &schema::encode_derived(value));
         }
+        // Blobs become durable before the commit that names them; see blobs.rs.
+        self.blobs.sync()?;
         if let Some(base) = &update.base {
             batch.put(TreeId::Meta, meta::BASE.to_vec(), base.as_bytes());
         }
@@ -106,11 +104,22 @@ impl Index {
             mark_library_products_stale(&mut batch)?;
         }
         batch.commit()?;
+        self.blobs.unstage(&staged);
         Ok(AppliedChange {
             library_generation: generation,
             stale_plans,
             refreshed_plans,
         })
+    }
+
+    /// Prepares a derived value for a later [`LibraryUpdate`]. A big one is written to the
+    /// blob folder now, so callers can write many in parallel and off the write lock; it is
+    /// kept from garbage collection until an update commits it.
+    pub fn stage_derived(&self, bytes: &[u8]) -> Result<DerivedValue, IndexError> {
+        if bytes.len() <= INLINE_LIMIT {
+            return Ok(DerivedValue::Inline(bytes.to_vec()));
+        }
+        Ok(DerivedValue::Blob(self.blobs.put_staged(bytes)?))
     }
 
     /// Stores a plan and its tensors (in blobs). Its staleness is computed against the

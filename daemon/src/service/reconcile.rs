@@ -17,7 +17,7 @@ use super::change::{ChangeCause, ExpertChange, LibraryEvent};
 use super::examine::{examine, unchanged_since, Examined, Found};
 use super::sketch::{parameter_sketch, SKETCH_KIND};
 use super::ServiceError;
-use crate::index::{ExpertRecord, GcReport, Index, LibraryUpdate};
+use crate::index::{DerivedValue, ExpertRecord, GcReport, Index, LibraryUpdate};
 
 /// What one reconcile did; the startup one is kept in the service's startup report.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -51,7 +51,7 @@ pub(crate) struct LibraryState {
 struct Examination {
     name: String,
     examined: Examined,
-    sketch: Option<Vec<u8>>,
+    sketch: Option<DerivedValue>,
 }
 
 impl LibraryState {
@@ -282,6 +282,17 @@ impl LibraryState {
             let cached = self.index.derived_entry(&hash, SKETCH_KIND);
             let cached = cached.ok().flatten().is_some();
             (!cached).then(|| parameter_sketch(adapter))
+        });
+        // Written here, on the examining threads: a cold start writes one per expert.
+        let sketch = sketch.and_then(|bytes| match self.index.stage_derived(&bytes) {
+            Ok(value) => Some(value),
+            Err(e) => {
+                tracing::warn!(
+                    name,
+                    "could not store a sketch (computed again next time): {e}"
+                );
+                None
+            }
         });
         Examination {
             name: name.to_owned(),
