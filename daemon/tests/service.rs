@@ -227,3 +227,30 @@ fn kind(change: &ExpertChange) -> &'static str {
         ExpertChange::Renamed { .. } => "renamed",
     }
 }
+
+#[test]
+fn a_rescan_finds_a_change_the_watcher_could_not_see() {
+    let h = Harness::new();
+    copy_adapter(&fixture_adapter("rot13"), &h.dir("a"));
+    // The config is also linked from outside the library: writing through that link changes
+    // the file without any event in the watched folders.
+    let outside = h.tmp.path().join("outside.json");
+    std::fs::hard_link(h.dir("a").join("adapter_config.json"), &outside).unwrap();
+    let service = h.start();
+    let mut rx = service.subscribe();
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&outside).unwrap()).unwrap();
+    config["lora_alpha"] = 5.into();
+    std::fs::write(&outside, serde_json::to_vec(&config).unwrap()).unwrap();
+
+    service.rescan();
+    let events = wait_change(&mut rx, "a", |c| matches!(c, ExpertChange::Updated { .. }));
+    assert_eq!(
+        events.last().unwrap().cause,
+        moerge_daemon::service::ChangeCause::Rescan
+    );
+    assert_eq!(
+        service.lease().expert("a").unwrap().hash,
+        Some(hash_of(&h.dir("a")))
+    );
+}

@@ -125,6 +125,69 @@ pub fn folder_name(root: &Path, path: &Path) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use notify::event::{CreateKind, Flag, ModifyKind, RenameMode};
+    use notify::Event;
+    use notify_debouncer_full::DebouncedEvent;
+
+    fn event(kind: EventKind, paths: &[&str]) -> DebouncedEvent {
+        let event = paths
+            .iter()
+            .fold(Event::new(kind), |e, p| e.add_path(p.into()));
+        DebouncedEvent::new(event, std::time::Instant::now())
+    }
+
+    fn names(list: &[&str]) -> Option<WatchBatch> {
+        Some(WatchBatch::Changed(
+            list.iter().map(|s| s.to_string()).collect(),
+        ))
+    }
+
+    #[test]
+    fn bursts_become_folder_names_or_a_rescan() {
+        let check = |events: Vec<DebouncedEvent>, expected: Option<WatchBatch>| {
+            let got = classify(Path::new("/lib"), Ok(events.clone()));
+            assert_eq!(got, expected, "{events:?}");
+        };
+        let write = EventKind::Access(AccessKind::Close(AccessMode::Write));
+        let open = EventKind::Access(AccessKind::Open(AccessMode::Any));
+        let create = EventKind::Create(CreateKind::Folder);
+        let rename = EventKind::Modify(ModifyKind::Name(RenameMode::Both));
+        check(
+            vec![event(write, &["/lib/a/adapter_config.json"])],
+            names(&["a"]),
+        );
+        check(vec![event(open, &["/lib/a/adapter_config.json"])], None);
+        check(
+            vec![event(create, &["/lib/a"]), event(write, &["/lib/b/x"])],
+            names(&["a", "b"]),
+        );
+        check(
+            vec![event(rename, &["/lib/a", "/lib/b"])],
+            names(&["a", "b"]),
+        );
+        check(vec![event(create, &["/lib/.staging"])], None);
+        let overflow = DebouncedEvent::new(
+            Event::new(EventKind::Other).set_flag(Flag::Rescan),
+            std::time::Instant::now(),
+        );
+        assert!(matches!(
+            classify(Path::new("/lib"), Ok(vec![overflow])),
+            Some(WatchBatch::Rescan(_))
+        ));
+        let root = event(
+            EventKind::Remove(notify::event::RemoveKind::Folder),
+            &["/lib"],
+        );
+        assert!(matches!(
+            classify(Path::new("/lib"), Ok(vec![root])),
+            Some(WatchBatch::Rescan(_))
+        ));
+        let error = classify(
+            Path::new("/lib"),
+            Err(vec![notify::Error::generic("queue lost")]),
+        );
+        assert!(matches!(error, Some(WatchBatch::Rescan(why)) if why.contains("queue lost")));
+    }
 
     #[test]
     fn paths_map_to_their_adapter_folder() {
