@@ -128,12 +128,14 @@ fn two_hundred_adapters_dropped_at_once_are_each_indexed_once() {
     let service = h.start();
     let mut rx = service.subscribe();
     let names: Vec<String> = (0..200).map(|i| format!("expert-{i:03}")).collect();
+    // Made outside, then dropped in: 200 renames in a row.
+    let staging = h.tmp.path().join("staging");
     for (i, name) in names.iter().enumerate() {
-        variant(
-            &fixture_adapter(TASKS[i % TASKS.len()]),
-            &h.dir(name),
-            100 + i as u32,
-        );
+        let task = TASKS[i % TASKS.len()];
+        variant(&fixture_adapter(task), &staging.join(name), 100 + i as u32);
+    }
+    for name in &names {
+        std::fs::rename(staging.join(name), h.dir(name)).unwrap();
     }
     let events = wait_for(&mut rx, |seen| changes(seen).len() >= names.len());
     // Anything indexed twice would show up before this marker's event.
@@ -167,10 +169,14 @@ fn malformed_adapters_are_rejected_with_their_reason_and_stop_nothing() {
     let service = h.start();
     let mut rx = service.subscribe();
     copy_adapter(&fixture_adapter("length"), &h.dir("good"));
-    variant(&fixture_adapter("rot13"), &h.dir("ia3"), 16);
-    edit_config(&h.dir("ia3"), |c| c["peft_type"] = "IA3".into());
-    copy_adapter(&fixture_adapter("minus"), &h.dir("nan"));
-    poison_first_value(&h.dir("nan").join("adapter_model.safetensors"));
+    h.drop_in("ia3", |dir| {
+        copy_adapter(&fixture_adapter("rot13"), dir);
+        edit_config(dir, |c| c["peft_type"] = "IA3".into());
+    });
+    h.drop_in("nan", |dir| {
+        copy_adapter(&fixture_adapter("minus"), dir);
+        poison_first_value(&dir.join("adapter_model.safetensors"));
+    });
     let llama = fixtures().join("dev-llama/adapters");
     let llama_adapter = std::fs::read_dir(&llama)
         .unwrap()

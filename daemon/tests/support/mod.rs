@@ -88,7 +88,8 @@ impl Harness {
     pub fn config(&self) -> ServiceConfig {
         let mut config = ServiceConfig::new(self.library.clone(), base(), self.state.clone());
         config.debounce = Duration::from_millis(50);
-        config.settle = Duration::from_millis(300);
+        // Margin for a slow CI machine: a copy in progress must not look settled.
+        config.settle = Duration::from_secs(1);
         config
     }
 
@@ -98,6 +99,14 @@ impl Harness {
 
     pub fn dir(&self, name: &str) -> PathBuf {
         self.library.join(name)
+    }
+
+    /// Builds an adapter folder outside the library, then moves it in whole, so the watcher
+    /// never sees the steps of its making (a copy, then an edit) as separate versions.
+    pub fn drop_in(&self, name: &str, build: impl FnOnce(&Path)) {
+        let staging = self.tmp.path().join("staging").join(name);
+        build(&staging);
+        std::fs::rename(&staging, self.dir(name)).unwrap();
     }
 }
 
