@@ -26,6 +26,10 @@ pub enum Command {
     Score(ScoreArgs),
     /// Continue PROMPT, streaming the text to stdout (greedy unless --temperature > 0).
     Generate(GenerateArgs),
+    /// Train a LoRA adapter on JSONL records and write it as a PEFT adapter folder.
+    Train(TrainArgs),
+    /// Mean loss per completion token, per task, with the mean over tasks and its standard error.
+    Eval(EvalArgs),
 }
 
 #[derive(Debug, Args)]
@@ -109,4 +113,60 @@ pub struct GenerateArgs {
     /// Stop at the first occurrence of this text (e.g. "\n"); may be repeated.
     #[arg(long)]
     pub stop: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Base model folder or hub id.
+    #[arg(long)]
+    pub base: String,
+    /// JSONL records {"task", "prompt", "completion"} (task optional).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Train only on the records of this task.
+    #[arg(long)]
+    pub task: Option<String>,
+    /// Output adapter folder (must not exist yet).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 4)]
+    pub r: usize,
+    /// LoRA alpha (scale = alpha / r).
+    #[arg(long, default_value_t = 8.0)]
+    pub alpha: f64,
+    /// Module names to adapt, comma-separated (PEFT's target_modules).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "q_proj,k_proj,v_proj,dense,fc1,fc2"
+    )]
+    pub targets: Vec<String>,
+    /// Optimiser steps.
+    #[arg(long, default_value_t = 250)]
+    pub steps: usize,
+    /// Examples per step.
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// Peak learning rate (AdamW, warm-up then cosine decay).
+    #[arg(long, default_value_t = 5e-3)]
+    pub lr: f64,
+    /// Seed of the initialisation and of the example order.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Print a JSON summary instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// JSONL records with a task each.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }

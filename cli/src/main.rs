@@ -23,6 +23,8 @@ fn main() -> ExitCode {
         args::Command::Logits(a) => commands::model::logits(&a),
         args::Command::Score(a) => commands::model::score(&a),
         args::Command::Generate(a) => commands::model::generate(&a),
+        args::Command::Train(a) => commands::train::train(&a),
+        args::Command::Eval(a) => commands::train::eval(&a),
     };
     match result {
         Ok(code) => code,

@@ -16,14 +16,14 @@ use serde::Serialize;
 use crate::args::{GenerateArgs, LogitsArgs, ModelArgs, PrecisionArg, ScoreArgs};
 
 /// A model ready to run, with its tokenizer and a compute thread.
-struct Loaded {
-    model: BaseModel,
-    tokenizer: TextTokenizer,
-    worker: ComputeWorker,
+pub(crate) struct Loaded {
+    pub model: BaseModel,
+    pub tokenizer: TextTokenizer,
+    pub worker: ComputeWorker,
 }
 
 /// Resolves the folders (or hub ids), loads the base and attaches the adapter.
-fn load(args: &ModelArgs) -> Result<Loaded> {
+pub(crate) fn load(args: &ModelArgs) -> Result<Loaded> {
     let hub = HubSettings::from_env();
     let base_dir = source::resolve(&args.base, ModelKind::Base, &hub)
         .with_context(|| format!("--base {}", args.base))?;

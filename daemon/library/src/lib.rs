@@ -35,6 +35,7 @@ pub mod error;
 mod hash;
 mod metadata;
 mod ordered_json;
+pub mod records;
 pub mod safetensors_header;
 pub mod source;
 mod write;
