@@ -117,6 +117,15 @@ impl AdapterLinear {
         self.lora = Some(LoraPath::Trainable { a, b, scale });
     }
 
+    /// Adds `delta` `[out, in]` into the base weight itself (a folded merge): the layer then
+    /// serves the merged model at exactly the cost of the base.
+    pub(crate) fn fold_into_weight(&mut self, delta: &Tensor) -> Result<()> {
+        let dtype = self.weight.dtype();
+        let merged = (self.weight.to_dtype(DType::F32)? + delta.to_dtype(DType::F32)?)?;
+        self.weight = merged.to_dtype(dtype)?;
+        Ok(())
+    }
+
     /// Removes the low-rank update, leaving the base layer.
     pub fn clear_lora(&mut self) {
         self.lora = None;

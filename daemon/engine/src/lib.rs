@@ -25,6 +25,7 @@ pub mod inference;
 mod kernels;
 mod layers;
 mod llama;
+pub mod merge;
 mod model;
 mod phi;
 mod threads;

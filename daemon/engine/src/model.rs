@@ -218,6 +218,50 @@ impl BaseModel {
         }
     }
 
+    /// A copy of this model fused as `plan` says from `experts` (the plan's experts, in its
+    /// order, with the hashes it names). Low-rank and exact merges are served as one LoRA
+    /// path per module; folded merges are added into the base weights.
+    pub fn with_plan(
+        &self,
+        plan: &moerge_sdk::plan::Plan,
+        experts: &[Adapter],
+    ) -> Result<BaseModel> {
+        for adapter in experts {
+            adapter
+                .check_compatible(&self.info)
+                .map_err(|e| EngineError::Incompatible {
+                    adapter: adapter.name().to_string(),
+                    reason: e.to_string(),
+                })?;
+        }
+        let merged = crate::merge::merged_modules(plan, experts)?;
+        let mut model = self.clone();
+        let mut by_name: BTreeMap<String, &mut AdapterLinear> = model
+            .linears_mut()
+            .into_iter()
+            .map(|l| (l.name().to_string(), l))
+            .collect();
+        for (module, m) in merged {
+            let layer =
+                by_name
+                    .get_mut(module.as_str())
+                    .ok_or_else(|| EngineError::InvalidArgument {
+                        argument: "plan",
+                        message: format!("module {module} is not a linear layer of this model"),
+                    })?;
+            match m.space {
+                moerge_sdk::plan::MergeSpace::Folded => {
+                    layer.fold_into_weight(&m.b.matmul(&m.a)?)?
+                }
+                _ => layer.set_lora(&m.a, &m.b, 1.0)?,
+            }
+        }
+        drop(by_name);
+        let names: Vec<&str> = plan.experts.iter().map(|e| e.name.as_str()).collect();
+        model.adapter = Some(format!("plan({})", names.join(",")));
+        Ok(model)
+    }
+
     /// A copy of this model with `adapter` attached (unmerged: `W x + scale · B (A x)` in every
     /// module it targets). Base weights are shared, not copied. Fails, naming the module and
     /// both shapes, when the adapter does not fit.

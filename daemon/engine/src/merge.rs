@@ -1,0 +1,213 @@
+//! Static merges: a plan's per-module weights applied to the experts' LoRA factors, in
+//! low-rank space (the paper's "average A and B separately"), exactly (concatenated ranks),
+//! or folded into the base weight. Also exports a merge as a PEFT adapter folder.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use moerge_library::{Adapter, ContentHash, NewAdapter, NewModule};
+use moerge_sdk::plan::{MergeSpace, ModulePlan, Plan};
+
+use crate::error::{EngineError, Result};
+
+/// One module's merged update: `ΔW = B A` (scale already folded in), and where it is applied.
+pub(crate) struct MergedModule {
+    pub space: MergeSpace,
+    /// `[rank, in]`.
+    pub a: Tensor,
+    /// `[out, rank]`.
+    pub b: Tensor,
+}
+
+fn plan_error(message: String) -> EngineError {
+    EngineError::InvalidArgument {
+        argument: "plan",
+        message,
+    }
+}
+
+/// Checks that `experts` are the plan's experts, in its order, with the hashes it names.
+pub(crate) fn check_experts(plan: &Plan, experts: &[Adapter]) -> Result<()> {
+    if experts.len() != plan.experts.len() {
+        return Err(plan_error(format!(
+            "names {} experts but {} were given",
+            plan.experts.len(),
+            experts.len()
+        )));
+    }
+    for (i, (want, got)) in plan.experts.iter().zip(experts).enumerate() {
+        if want.name != got.name() {
+            return Err(plan_error(format!(
+                "experts[{i}] is {:?} but the adapter given is {:?}",
+                want.name,
+                got.name()
+            )));
+        }
+        if want.hash != got.hash().to_string() {
+            return Err(plan_error(format!(
+                "experts[{i}].hash: expert {:?} has changed since the plan was made (plan {}, files {}); re-create the plan",
+                want.name,
+                &want.hash[..12.min(want.hash.len())],
+                got.hash().short()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The merged factors of every module a static part of `plan` touches.
+pub(crate) fn merged_modules(
+    plan: &Plan,
+    experts: &[Adapter],
+) -> Result<BTreeMap<String, MergedModule>> {
+    check_experts(plan, experts)?;
+    let modules: BTreeSet<&String> = experts.iter().flat_map(|e| e.modules().keys()).collect();
+    let mut out = BTreeMap::new();
+    for module in modules {
+        let ModulePlan::Static { weights, space } = plan.module(module) else {
+            continue;
+        };
+        // Experts that do not adapt this module contribute nothing to it.
+        let parts: Vec<(f64, &Adapter, &moerge_library::LoraModule)> = experts
+            .iter()
+            .zip(weights)
+            .filter_map(|(e, &w)| e.modules().get(module).map(|m| (w, e, m)))
+            .collect();
+        let (first_in, first_out) = (parts[0].2.in_features, parts[0].2.out_features);
+        if let Some((_, e, m)) = parts
+            .iter()
+            .find(|(_, _, m)| (m.in_features, m.out_features) != (first_in, first_out))
+        {
+            return Err(plan_error(format!(
+                "module {module}: expert {} is [{}→{}] but {} is [{first_in}→{first_out}]",
+                e.name(),
+                m.in_features,
+                m.out_features,
+                parts[0].1.name()
+            )));
+        }
+        let factor = |e: &Adapter, t: &moerge_library::TensorRef| -> Result<Tensor> {
+            Ok(Tensor::from_vec(
+                e.tensor_f32(t),
+                t.shape.clone(),
+                &Device::Cpu,
+            )?)
+        };
+        let (a, b) = match space {
+            MergeSpace::LowRank => {
+                let rank = parts[0].2.rank;
+                if let Some((_, e, m)) = parts.iter().find(|(_, _, m)| m.rank != rank) {
+                    return Err(plan_error(format!(
+                        "module {module}: a lowrank merge needs equal ranks, but {} has r={} and {} has r={rank}; use space \"exact\"",
+                        e.name(),
+                        m.rank,
+                        parts[0].1.name()
+                    )));
+                }
+                let mut a = Tensor::zeros((rank, first_in), candle_core::DType::F32, &Device::Cpu)?;
+                let mut b =
+                    Tensor::zeros((first_out, rank), candle_core::DType::F32, &Device::Cpu)?;
+                for (w, e, m) in &parts {
+                    let c = w * m.scale.sqrt();
+                    a = (a + (factor(e, &m.a)? * c)?)?;
+                    b = (b + (factor(e, &m.b)? * c)?)?;
+                }
+                (a, b)
+            }
+            MergeSpace::Exact | MergeSpace::Folded => {
+                let a_parts = parts
+                    .iter()
+                    .map(|(_, e, m)| factor(e, &m.a))
+                    .collect::<Result<Vec<_>>>()?;
+                let b_parts = parts
+                    .iter()
+                    .map(|(w, e, m)| Ok((factor(e, &m.b)? * (w * m.scale))?))
+                    .collect::<Result<Vec<_>>>()?;
+                (Tensor::cat(&a_parts, 0)?, Tensor::cat(&b_parts, 1)?)
+            }
+        };
+        out.insert(
+            module.clone(),
+            MergedModule {
+                space: *space,
+                a,
+                b,
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// Writes the static merge of `plan` as a PEFT LoRA folder: low-rank merges keep their rank,
+/// exact (and folded) merges get the concatenated rank, every module with scale 1
+/// (`lora_alpha` = its rank, through `alpha_pattern` where ranks differ).
+pub fn export_peft(plan: &Plan, experts: &[Adapter], dir: &Path) -> Result<ContentHash> {
+    if let Some((m, _)) = std::iter::once(("default", &plan.default))
+        .chain(plan.modules.iter().map(|(k, v)| (k.as_str(), v)))
+        .find(|(_, p)| !matches!(p, ModulePlan::Static { .. } | ModulePlan::None))
+    {
+        return Err(plan_error(format!(
+            "module plan {m} is not a static merge; only static merges export as one PEFT adapter"
+        )));
+    }
+    let merged = merged_modules(plan, experts)?;
+    if merged.is_empty() {
+        return Err(plan_error(
+            "merges no module, so there is nothing to export".into(),
+        ));
+    }
+    let values = merged
+        .iter()
+        .map(|(m, f)| {
+            let (rank, inp) = f.a.dims2()?;
+            let out = f.b.dim(0)?;
+            Ok((
+                m.clone(),
+                rank,
+                inp,
+                out,
+                f.a.flatten_all()?.to_vec1::<f32>()?,
+                f.b.flatten_all()?.to_vec1::<f32>()?,
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let r = values[0].1;
+    let alpha_overrides = values
+        .iter()
+        .filter(|v| v.1 != r)
+        .map(|v| (v.0.clone(), v.1 as f64))
+        .collect();
+    let targets: BTreeSet<String> = values
+        .iter()
+        .map(|v| v.0.rsplit('.').next().unwrap_or(&v.0).to_string())
+        .collect();
+    let base_name = experts[0]
+        .config()
+        .base_model_name_or_path
+        .clone()
+        .unwrap_or_default();
+    let adapter = NewAdapter {
+        r,
+        lora_alpha: r as f64,
+        use_rslora: false,
+        target_modules: targets.into_iter().collect(),
+        base_model_name_or_path: base_name,
+        alpha_overrides,
+        modules: values
+            .iter()
+            .map(|(module, rank, inp, out, a, b)| NewModule {
+                module: module.clone(),
+                rank: *rank,
+                in_features: *inp,
+                out_features: *out,
+                a,
+                b,
+            })
+            .collect(),
+    };
+    moerge_library::write_adapter(dir, &adapter).map_err(|e| EngineError::InvalidArgument {
+        argument: "out",
+        message: e.to_string(),
+    })
+}

@@ -1,0 +1,273 @@
+//! The fusion plan IR (version 1): which experts, and per LoRA'd module how to combine them.
+//! A plan file is a user-facing recipe, like a mergekit YAML: small, readable, versioned.
+//!
+//! ```json
+//! {
+//!   "moerge_plan": 1,
+//!   "experts": [{"name": "upper", "hash": "<64 hex>"}, {"name": "rot13", "hash": "<64 hex>"}],
+//!   "default": {"static": {"weights": [0.5, 0.5], "space": "lowrank"}},
+//!   "modules": {"model.layers.0.mlp.fc1": "none"}
+//! }
+//! ```
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// The plan format this SDK reads and writes.
+pub const PLAN_VERSION: u32 = 1;
+
+/// A fusion plan.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Plan {
+    /// Format version ([`PLAN_VERSION`]).
+    #[serde(rename = "moerge_plan")]
+    pub version: u32,
+    /// The experts, in the order the weights refer to.
+    pub experts: Vec<ExpertRef>,
+    /// What every module gets unless `modules` says otherwise.
+    pub default: ModulePlan,
+    /// Per-module overrides, by module path (`model.layers.0.self_attn.q_proj`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub modules: BTreeMap<String, ModulePlan>,
+}
+
+/// An expert by folder name and content hash: a plan never silently runs on changed files.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpertRef {
+    pub name: String,
+    /// Lowercase hex of the adapter's 32-byte content hash.
+    pub hash: String,
+}
+
+/// How one module combines the experts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum ModulePlan {
+    /// A fixed weighted merge, one weight per expert.
+    Static {
+        weights: Vec<f64>,
+        space: MergeSpace,
+    },
+    /// The base weights only.
+    None,
+}
+
+/// Where a static merge is computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MergeSpace {
+    /// The paper's merge: average the factors separately, `A = Σ w_i sqrt(s_i) A_i`,
+    /// `B = Σ w_i sqrt(s_i) B_i`, scale 1 (equal ranks needed). PEFT's `linear` with weight
+    /// `p_i` is this merge with `w_i = sqrt(p_i)`.
+    #[serde(rename = "lowrank")]
+    LowRank,
+    /// The exact weighted sum of deltas, `ΔW = Σ w_i s_i B_i A_i`, kept as concatenated
+    /// factors (rank Σ r_i; PEFT's `cat`).
+    Exact,
+    /// The exact delta added into the base weight once: serving costs nothing extra.
+    Folded,
+}
+
+/// Why a plan is refused; the message names the field.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PlanError {
+    #[error("plan is not valid JSON for format {PLAN_VERSION}: {0}")]
+    Json(String),
+    #[error(
+        "moerge_plan: version {found} is not supported; this moerge reads version {PLAN_VERSION}"
+    )]
+    Version { found: u32 },
+    #[error("{field}: {message}")]
+    Field { field: String, message: String },
+}
+
+impl Plan {
+    /// Parses and validates a plan file's text.
+    pub fn from_json(text: &str) -> Result<Plan, PlanError> {
+        // Read the version first so a future plan says "unsupported version", not "unknown field".
+        let value: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| PlanError::Json(e.to_string()))?;
+        if let Some(v) = value.get("moerge_plan").and_then(serde_json::Value::as_u64) {
+            if v != u64::from(PLAN_VERSION) {
+                return Err(PlanError::Version {
+                    found: u32::try_from(v).unwrap_or(u32::MAX),
+                });
+            }
+        }
+        let plan: Plan =
+            serde_json::from_value(value).map_err(|e| PlanError::Json(e.to_string()))?;
+        plan.validate()?;
+        Ok(plan)
+    }
+
+    /// Pretty JSON, the reviewable form.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("plans serialise") + "\n"
+    }
+
+    /// The plan for `module`: its override, or the default.
+    pub fn module(&self, module: &str) -> &ModulePlan {
+        self.modules.get(module).unwrap_or(&self.default)
+    }
+
+    /// Checks what the types cannot: version, expert list, weight counts, finite weights.
+    pub fn validate(&self) -> Result<(), PlanError> {
+        if self.version != PLAN_VERSION {
+            return Err(PlanError::Version {
+                found: self.version,
+            });
+        }
+        let field = |field: String, message: String| Err(PlanError::Field { field, message });
+        if self.experts.is_empty() {
+            return field("experts".into(), "names no expert".into());
+        }
+        for (i, e) in self.experts.iter().enumerate() {
+            if e.name.is_empty() {
+                return field(format!("experts[{i}].name"), "is empty".into());
+            }
+            if self.experts[..i].iter().any(|p| p.name == e.name) {
+                return field(
+                    format!("experts[{i}].name"),
+                    format!("{:?} is listed twice", e.name),
+                );
+            }
+            if e.hash.len() != 64
+                || !e
+                    .hash
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            {
+                return field(
+                    format!("experts[{i}].hash"),
+                    format!("{:?} is not 64 lowercase hex digits", e.hash),
+                );
+            }
+        }
+        let modules = std::iter::once(("default".to_string(), &self.default)).chain(
+            self.modules
+                .iter()
+                .map(|(m, p)| (format!("modules[{m:?}]"), p)),
+        );
+        for (path, plan) in modules {
+            if let ModulePlan::Static { weights, .. } = plan {
+                if weights.len() != self.experts.len() {
+                    return field(
+                        format!("{path}.static.weights"),
+                        format!(
+                            "has {} weights for {} experts",
+                            weights.len(),
+                            self.experts.len()
+                        ),
+                    );
+                }
+                if let Some(i) = weights.iter().position(|w| !w.is_finite()) {
+                    return field(
+                        format!("{path}.static.weights[{i}]"),
+                        format!("{} is not a finite number", weights[i]),
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const H1: &str = "1111111111111111111111111111111111111111111111111111111111111111";
+    const H2: &str = "2222222222222222222222222222222222222222222222222222222222222222";
+
+    fn plan_json(body: &str) -> String {
+        format!(
+            r#"{{"moerge_plan": 1, "experts": [{{"name": "a", "hash": "{H1}"}}, {{"name": "b", "hash": "{H2}"}}], {body}}}"#
+        )
+    }
+
+    fn check(text: &str, expected: Result<(), &[&str]>) {
+        match (Plan::from_json(text), expected) {
+            (Ok(plan), Ok(())) => assert_eq!(
+                Plan::from_json(&plan.to_json()).unwrap(),
+                plan,
+                "round trip"
+            ),
+            (Err(e), Err(words)) => {
+                let msg = e.to_string();
+                for w in words {
+                    assert!(msg.contains(w), "{msg:?} lacks {w:?}");
+                }
+            }
+            (got, want) => panic!("{text}: got {got:?}, want {want:?}"),
+        }
+    }
+
+    #[test]
+    fn plans_parse_validate_and_round_trip() {
+        check(
+            &plan_json(r#""default": {"static": {"weights": [0.5, 0.5], "space": "lowrank"}}"#),
+            Ok(()),
+        );
+        check(
+            &plan_json(
+                r#""default": {"static": {"weights": [1, -1], "space": "folded"}}, "modules": {"lm_head": "none"}"#,
+            ),
+            Ok(()),
+        );
+        check(&plan_json(r#""default": "none""#), Ok(()));
+        check(
+            &plan_json(r#""default": {"static": {"weights": [0.5], "space": "exact"}}"#),
+            Err(&["default.static.weights", "1 weights for 2 experts"]),
+        );
+        check(
+            &plan_json(
+                r#""default": "none", "modules": {"m.q_proj": {"static": {"weights": [1, 2, 3], "space": "exact"}}}"#,
+            ),
+            Err(&["modules[\"m.q_proj\"].static.weights"]),
+        );
+        check(
+            &plan_json(r#""default": {"static": {"weights": [0.5, 0.5], "space": "sideways"}}"#),
+            Err(&["sideways"]),
+        );
+        check(
+            &plan_json(
+                r#""default": {"static": {"weights": [0.5, 0.5], "space": "exact"}}, "extra": 1"#,
+            ),
+            Err(&["extra"]),
+        );
+        check(
+            &plan_json(r#""default": "none""#).replace("\"moerge_plan\": 1", "\"moerge_plan\": 2"),
+            Err(&["version 2", "version 1"]),
+        );
+        check(
+            &plan_json(r#""default": "none""#).replace(H2, "xyz"),
+            Err(&["experts[1].hash", "xyz"]),
+        );
+        check(
+            &plan_json(r#""default": "none""#).replace("\"b\"", "\"a\""),
+            Err(&["experts[1].name", "twice"]),
+        );
+        check(
+            r#"{"moerge_plan": 1, "experts": [], "default": "none"}"#,
+            Err(&["experts", "no expert"]),
+        );
+        // JSON has no NaN; a NaN weight can only come from code, which validate() catches.
+        let mut plan = Plan::from_json(&plan_json(
+            r#""default": {"static": {"weights": [0.5, 0.5], "space": "exact"}}"#,
+        ))
+        .unwrap();
+        plan.default = ModulePlan::Static {
+            weights: vec![f64::NAN, 1.0],
+            space: MergeSpace::Exact,
+        };
+        assert!(plan
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("default.static.weights[0]"));
+    }
+}
