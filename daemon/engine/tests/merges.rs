@@ -118,6 +118,16 @@ fn lowrank_merges_equal_peft_linear_with_square_root_weights() {
     }
 }
 
+/// One expert's share of a module: weight, scale, rank, A and B (row-major), out features.
+struct Part {
+    w: f64,
+    s: f64,
+    r: usize,
+    a: Vec<f32>,
+    b: Vec<f32>,
+    out: usize,
+}
+
 /// `Σ_i w_i s_i B_i A_i x` (exact) or `(Σ w_i √s_i B_i)(Σ w_i √s_i A_i) x` (low rank), in f64 loops.
 fn delta_by_hand(
     experts: &[Adapter],
@@ -126,35 +136,35 @@ fn delta_by_hand(
     space: MergeSpace,
     x: &[f32],
 ) -> Vec<f64> {
-    let mats: Vec<(f64, f64, usize, Vec<f32>, Vec<f32>, usize)> = experts
+    let mats: Vec<Part> = experts
         .iter()
         .zip(weights)
         .map(|(e, &w)| {
             let m = &e.modules()[module];
-            (
+            Part {
                 w,
-                m.scale,
-                m.rank,
-                e.tensor_f32(&m.a),
-                e.tensor_f32(&m.b),
-                m.out_features,
-            )
+                s: m.scale,
+                r: m.rank,
+                a: e.tensor_f32(&m.a),
+                b: e.tensor_f32(&m.b),
+                out: m.out_features,
+            }
         })
         .collect();
     let inp = x.len();
-    let out = mats[0].5;
-    let r = mats[0].2;
+    let out = mats[0].out;
+    let r = mats[0].r;
     let mut y = vec![0f64; out];
     match space {
         MergeSpace::LowRank => {
             let mut a = vec![0f64; r * inp];
             let mut b = vec![0f64; out * r];
-            for (w, s, _, ai, bi, _) in &mats {
-                for (acc, v) in a.iter_mut().zip(ai) {
-                    *acc += w * s.sqrt() * *v as f64;
+            for p in &mats {
+                for (acc, v) in a.iter_mut().zip(&p.a) {
+                    *acc += p.w * p.s.sqrt() * *v as f64;
                 }
-                for (acc, v) in b.iter_mut().zip(bi) {
-                    *acc += w * s.sqrt() * *v as f64;
+                for (acc, v) in b.iter_mut().zip(&p.b) {
+                    *acc += p.w * p.s.sqrt() * *v as f64;
                 }
             }
             let ax: Vec<f64> = (0..r)
@@ -165,12 +175,20 @@ fn delta_by_hand(
             }
         }
         _ => {
-            for (w, s, r, ai, bi, _) in &mats {
-                let ax: Vec<f64> = (0..*r)
-                    .map(|k| (0..inp).map(|j| ai[k * inp + j] as f64 * x[j] as f64).sum())
+            for p in &mats {
+                let ax: Vec<f64> = (0..p.r)
+                    .map(|k| {
+                        (0..inp)
+                            .map(|j| p.a[k * inp + j] as f64 * x[j] as f64)
+                            .sum()
+                    })
                     .collect();
                 for (o, yo) in y.iter_mut().enumerate() {
-                    *yo += w * s * (0..*r).map(|k| bi[o * r + k] as f64 * ax[k]).sum::<f64>();
+                    *yo += p.w
+                        * p.s
+                        * (0..p.r)
+                            .map(|k| p.b[o * p.r + k] as f64 * ax[k])
+                            .sum::<f64>();
                 }
             }
         }
