@@ -30,6 +30,57 @@ pub enum Command {
     Train(TrainArgs),
     /// Mean loss per completion token, per task, with the mean over tasks and its standard error.
     Eval(EvalArgs),
+    /// Write fusion plans (reviewable JSON recipes) from a library of experts.
+    #[command(subcommand)]
+    Plan(PlanCommand),
+    /// Export a static-merge plan as one PEFT adapter folder.
+    Export(ExportArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PlanCommand {
+    /// A static weighted merge of experts.
+    Merge(PlanMergeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PlanMergeArgs {
+    /// Folder of adapter folders; experts are named by their folder names.
+    #[arg(long)]
+    pub library: PathBuf,
+    /// Experts to merge, comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub experts: Vec<String>,
+    /// One weight per expert, comma-separated; default 1/N each.
+    #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
+    pub weights: Option<Vec<f64>>,
+    /// lowrank: average A and B separately (the paper's merge); exact: Σ w s B A;
+    /// folded: the exact delta added into the base weights.
+    #[arg(long, value_enum, default_value_t = SpaceArg::Lowrank)]
+    pub space: SpaceArg,
+    /// Write the plan here instead of stdout.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum SpaceArg {
+    Lowrank,
+    Exact,
+    Folded,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// Folder of the plan's experts.
+    #[arg(long)]
+    pub library: PathBuf,
+    /// The plan (static merges only).
+    #[arg(long)]
+    pub plan: PathBuf,
+    /// Output adapter folder (must not exist yet).
+    #[arg(long)]
+    pub out: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -51,8 +102,14 @@ pub struct ModelArgs {
     #[arg(long)]
     pub base: String,
     /// Attach this LoRA adapter (folder or hub id), unmerged.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "plan")]
     pub adapter: Option<String>,
+    /// Folder of adapter folders that --plan names its experts from.
+    #[arg(long, requires = "plan")]
+    pub library: Option<PathBuf>,
+    /// Fuse the experts of --library as this plan file says.
+    #[arg(long, requires = "library")]
+    pub plan: Option<PathBuf>,
     /// Compute precision.
     #[arg(long, value_enum, default_value_t = PrecisionArg::F32)]
     pub precision: PrecisionArg,

@@ -25,6 +25,8 @@ fn main() -> ExitCode {
         args::Command::Generate(a) => commands::model::generate(&a),
         args::Command::Train(a) => commands::train::train(&a),
         args::Command::Eval(a) => commands::train::eval(&a),
+        args::Command::Plan(args::PlanCommand::Merge(a)) => commands::plan::merge(&a),
+        args::Command::Export(a) => commands::plan::export(&a),
     };
     match result {
         Ok(code) => code,

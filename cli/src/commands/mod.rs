@@ -2,4 +2,5 @@
 
 pub mod inspect;
 pub mod model;
+pub mod plan;
 pub mod train;

@@ -39,13 +39,20 @@ pub(crate) fn load(args: &ModelArgs) -> Result<Loaded> {
         }
         None => None,
     };
+    let plan = match (&args.library, &args.plan) {
+        (Some(library), Some(plan)) => {
+            Some(crate::commands::plan::read_with_experts(library, plan)?)
+        }
+        _ => None,
+    };
     let worker = ComputeWorker::spawn(1).context("cannot start a compute thread")?;
     let model = worker
         .submit(move || {
             let base = BaseModel::load_dir(&base_dir, precision)?;
-            match &adapter {
-                Some(a) => base.with_adapter(a),
-                None => Ok(base),
+            match (&adapter, &plan) {
+                (Some(a), _) => base.with_adapter(a),
+                (None, Some((plan, experts))) => base.with_plan(plan, experts),
+                (None, None) => Ok(base),
             }
         })
         .wait()

@@ -1,0 +1,235 @@
+//! `moerge plan merge`, `--library/--plan` and `moerge export` end to end on PEFT's fixtures:
+//! a plan's logits equal PEFT's merged adapter's, and an export loads back as the same model.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use safetensors::SafeTensors;
+
+fn fixtures() -> PathBuf {
+    let dir = match std::env::var_os("MOERGE_FIXTURES") {
+        Some(d) => PathBuf::from(d),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures"),
+    };
+    assert!(
+        dir.join("dev-phi").is_dir(),
+        "PEFT fixtures not found at {} (set MOERGE_FIXTURES)",
+        dir.display()
+    );
+    dir
+}
+
+fn run(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_moerge"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = run(args);
+    assert!(
+        out.status.success(),
+        "moerge {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn logits(file: &Path, key: &str) -> Vec<f32> {
+    let bytes = std::fs::read(file).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    st.tensor(key)
+        .unwrap()
+        .data()
+        .chunks(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn plan_logits_equal_peft_and_exports_round_trip() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = fixtures().join("dev-phi");
+    let library = base.join("adapters");
+    let (base_s, library_s) = (base.to_str().unwrap(), library.to_str().unwrap());
+    let plan = tmp.path().join("linear.json");
+    // PEFT's linear merge with p = 0.2 is the low-rank merge with w = sqrt(0.2).
+    let w = format!("{0},{0},{0},{0},{0}", 0.2f64.sqrt());
+    ok(&[
+        "plan",
+        "merge",
+        "--library",
+        library_s,
+        "--experts",
+        "swapcase,rot13,twice,length,minus",
+        "--weights",
+        &w,
+        "--space",
+        "lowrank",
+        "--out",
+        plan.to_str().unwrap(),
+    ]);
+    let text = std::fs::read_to_string(base.join("reference/inputs.json")).unwrap();
+    let inputs: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let sequence = inputs["sequences"][0].as_str().unwrap();
+    let out = tmp.path().join("plan.safetensors");
+    ok(&[
+        "logits",
+        "--base",
+        base_s,
+        "--library",
+        library_s,
+        "--plan",
+        plan.to_str().unwrap(),
+        "--text",
+        sequence,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let want = logits(
+        &base.join("reference/merge_linear_logits.safetensors"),
+        "logits.0",
+    );
+    let got = logits(&out, "logits");
+    assert!(
+        max_diff(&got, &want) <= 1e-4,
+        "plan vs PEFT linear merge: {}",
+        max_diff(&got, &want)
+    );
+
+    let exported = tmp.path().join("merged");
+    ok(&[
+        "export",
+        "--library",
+        library_s,
+        "--plan",
+        plan.to_str().unwrap(),
+        "--out",
+        exported.to_str().unwrap(),
+    ]);
+    let report: serde_json::Value = serde_json::from_str(&ok(&[
+        "inspect",
+        exported.to_str().unwrap(),
+        "--base",
+        base_s,
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(report["state"], "ready");
+    assert_eq!(report["rank"], 8);
+    let out2 = tmp.path().join("export.safetensors");
+    ok(&[
+        "logits",
+        "--base",
+        base_s,
+        "--adapter",
+        exported.to_str().unwrap(),
+        "--text",
+        sequence,
+        "--out",
+        out2.to_str().unwrap(),
+    ]);
+    assert!(max_diff(&logits(&out2, "logits"), &got) <= 1e-4);
+}
+
+#[test]
+fn stale_and_malformed_plans_are_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = fixtures().join("dev-phi");
+    let library = base.join("adapters");
+    let (base_s, library_s) = (base.to_str().unwrap(), library.to_str().unwrap());
+    let plan = ok(&[
+        "plan",
+        "merge",
+        "--library",
+        library_s,
+        "--experts",
+        "rot13,twice",
+        "--space",
+        "exact",
+    ]);
+    let mut value: serde_json::Value = serde_json::from_str(&plan).unwrap();
+    value["experts"][1]["hash"] = "0".repeat(64).into();
+    let stale = tmp.path().join("stale.json");
+    std::fs::write(&stale, value.to_string()).unwrap();
+    let out = run(&[
+        "score",
+        "--base",
+        base_s,
+        "--library",
+        library_s,
+        "--plan",
+        stale.to_str().unwrap(),
+        "--prompt",
+        "a",
+        "--completion",
+        "b",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("experts[1].hash") && err.contains("twice"),
+        "{err}"
+    );
+
+    value["experts"][1]["name"] = "nope".into();
+    std::fs::write(&stale, value.to_string()).unwrap();
+    let out = run(&[
+        "score",
+        "--base",
+        base_s,
+        "--library",
+        library_s,
+        "--plan",
+        stale.to_str().unwrap(),
+        "--prompt",
+        "a",
+        "--completion",
+        "b",
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown expert \"nope\""));
+
+    value["moerge_plan"] = 7.into();
+    std::fs::write(&stale, value.to_string()).unwrap();
+    let out = run(&[
+        "score",
+        "--base",
+        base_s,
+        "--library",
+        library_s,
+        "--plan",
+        stale.to_str().unwrap(),
+        "--prompt",
+        "a",
+        "--completion",
+        "b",
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("version 7"));
+
+    // --plan and --adapter do not mix.
+    let out = run(&[
+        "score",
+        "--base",
+        base_s,
+        "--adapter",
+        library.join("rot13").to_str().unwrap(),
+        "--library",
+        library_s,
+        "--plan",
+        stale.to_str().unwrap(),
+        "--prompt",
+        "a",
+        "--completion",
+        "b",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+}
