@@ -12,7 +12,7 @@ use moerge_sdk::plan::{MergeSpace, ModulePlan, Plan};
 use crate::error::{EngineError, Result};
 
 /// One module's merged update: `ΔW = B A` (scale already folded in), and where it is applied.
-pub(crate) struct MergedModule {
+pub struct MergedModule {
     pub space: MergeSpace,
     /// `[rank, in]`.
     pub a: Tensor,
@@ -57,10 +57,7 @@ pub(crate) fn check_experts(plan: &Plan, experts: &[Adapter]) -> Result<()> {
 }
 
 /// The merged factors of every module a static part of `plan` touches.
-pub(crate) fn merged_modules(
-    plan: &Plan,
-    experts: &[Adapter],
-) -> Result<BTreeMap<String, MergedModule>> {
+pub fn merged_modules(plan: &Plan, experts: &[Adapter]) -> Result<BTreeMap<String, MergedModule>> {
     check_experts(plan, experts)?;
     let modules: BTreeSet<&String> = experts.iter().flat_map(|e| e.modules().keys()).collect();
     let mut out = BTreeMap::new();
@@ -87,13 +84,7 @@ pub(crate) fn merged_modules(
                 parts[0].1.name()
             )));
         }
-        let factor = |e: &Adapter, t: &moerge_library::TensorRef| -> Result<Tensor> {
-            Ok(Tensor::from_vec(
-                e.tensor_f32(t),
-                t.shape.clone(),
-                &Device::Cpu,
-            )?)
-        };
+        // Accumulate straight from each adapter's mapped bytes (one pass per factor).
         let (a, b) = match space {
             MergeSpace::LowRank => {
                 let rank = parts[0].2.rank;
@@ -105,26 +96,38 @@ pub(crate) fn merged_modules(
                         parts[0].1.name()
                     )));
                 }
-                let mut a = Tensor::zeros((rank, first_in), candle_core::DType::F32, &Device::Cpu)?;
-                let mut b =
-                    Tensor::zeros((first_out, rank), candle_core::DType::F32, &Device::Cpu)?;
+                let mut a = vec![0f32; rank * first_in];
+                let mut b = vec![0f32; first_out * rank];
                 for (w, e, m) in &parts {
-                    let c = w * m.scale.sqrt();
-                    a = (a + (factor(e, &m.a)? * c)?)?;
-                    b = (b + (factor(e, &m.b)? * c)?)?;
+                    let c = (w * m.scale.sqrt()) as f32;
+                    e.add_scaled_f32(&m.a, c, &mut a);
+                    e.add_scaled_f32(&m.b, c, &mut b);
                 }
-                (a, b)
+                (
+                    Tensor::from_vec(a, (rank, first_in), &Device::Cpu)?,
+                    Tensor::from_vec(b, (first_out, rank), &Device::Cpu)?,
+                )
             }
             MergeSpace::Exact | MergeSpace::Folded => {
-                let a_parts = parts
-                    .iter()
-                    .map(|(_, e, m)| factor(e, &m.a))
-                    .collect::<Result<Vec<_>>>()?;
-                let b_parts = parts
-                    .iter()
-                    .map(|(w, e, m)| Ok((factor(e, &m.b)? * (w * m.scale))?))
-                    .collect::<Result<Vec<_>>>()?;
-                (Tensor::cat(&a_parts, 0)?, Tensor::cat(&b_parts, 1)?)
+                let total: usize = parts.iter().map(|(_, _, m)| m.rank).sum();
+                let mut a = vec![0f32; total * first_in];
+                let mut b = vec![0f32; first_out * total];
+                let mut offset = 0;
+                for (w, e, m) in &parts {
+                    // A_cat stacks the A's as rows; B_cat places w s B as columns.
+                    let rows = offset * first_in..(offset + m.rank) * first_in;
+                    e.add_scaled_f32(&m.a, 1.0, &mut a[rows]);
+                    let mut own = vec![0f32; first_out * m.rank];
+                    e.add_scaled_f32(&m.b, (w * m.scale) as f32, &mut own);
+                    for (row, src) in b.chunks_exact_mut(total).zip(own.chunks_exact(m.rank)) {
+                        row[offset..offset + m.rank].copy_from_slice(src);
+                    }
+                    offset += m.rank;
+                }
+                (
+                    Tensor::from_vec(a, (total, first_in), &Device::Cpu)?,
+                    Tensor::from_vec(b, (first_out, total), &Device::Cpu)?,
+                )
             }
         };
         out.insert(

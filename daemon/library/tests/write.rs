@@ -74,3 +74,20 @@ fn written_adapters_load_back_exactly() {
     // The sidecar is not part of the adapter's identity.
     assert_eq!(Adapter::load(&dir).unwrap().hash(), hash);
 }
+
+#[test]
+fn add_scaled_accumulates_what_tensor_f32_reads() {
+    let fixtures = std::env::var_os("MOERGE_FIXTURES")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures")
+        });
+    let adapter = Adapter::load(&fixtures.join("dev-phi/adapters/rot13")).unwrap();
+    let m = adapter.modules().values().next().unwrap();
+    let values = adapter.tensor_f32(&m.b);
+    let mut out: Vec<f32> = (0..values.len()).map(|i| i as f32).collect();
+    adapter.add_scaled_f32(&m.b, -0.5, &mut out);
+    for (i, (o, v)) in out.iter().zip(&values).enumerate() {
+        assert_eq!(*o, i as f32 + -0.5 * v);
+    }
+}

@@ -130,6 +130,42 @@ impl Adapter {
         }
     }
 
+    /// `out[i] += scale · t[i]` for every value of `t` (row-major), converting from the
+    /// stored dtype on the fly: one pass over the mapped bytes, no intermediate copy, which
+    /// is what keeps merging many experts close to memory speed.
+    ///
+    /// Panics if `out` does not have exactly `t`'s number of values.
+    pub fn add_scaled_f32(&self, t: &TensorRef, scale: f32, out: &mut [f32]) {
+        let bytes = self.tensor_bytes(t);
+        assert_eq!(
+            out.len(),
+            t.numel(),
+            "tensor {}: output has the wrong length",
+            t.name
+        );
+        match t.dtype {
+            Dtype::F32 => {
+                for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                    *o += scale * f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                }
+            }
+            Dtype::F16 => {
+                for (o, b) in out.iter_mut().zip(u16s(bytes)) {
+                    *o += scale * half::f16::from_bits(b).to_f32();
+                }
+            }
+            Dtype::BF16 => {
+                for (o, b) in out.iter_mut().zip(u16s(bytes)) {
+                    *o += scale * half::bf16::from_bits(b).to_f32();
+                }
+            }
+            other => panic!(
+                "tensor {} has dtype {other}, which is not a LoRA factor dtype",
+                t.name
+            ),
+        }
+    }
+
     /// Whether every module exists in `base` as a linear layer of the right shape.
     ///
     /// A shape mismatch on a module both share is reported before a module the base lacks:
