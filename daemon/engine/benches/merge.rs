@@ -1,0 +1,213 @@
+//! Merge speed and the serving cost of merged models. Run: `cargo bench -p moerge-engine --bench merge`.
+//!
+//! 1. Merge time for N = 4, 16, 64 random adapters with Phi-2's real layer shapes (hidden
+//!    2560, intermediate 10240, 2 layers, r = 4, targets q/k/v/dense/fc1/fc2), as GB/s of
+//!    LoRA bytes read, next to a plain memory copy of the same bytes in the same run.
+//!    Reference (issue): PEFT 0.21 add_weighted_adapter linear 85 / 83 / 196 ms.
+//! 2. Forward tokens/s of a low-rank merge of 4 (unfolded) and a folded merge of 4, as ratios
+//!    to one unmerged adapter, on the tiny Phi and tiny Llama (8 x 128 tokens).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::time::{Duration, Instant};
+
+use candle_core::{Device, Tensor};
+use common::*;
+use moerge_engine::{merge, BaseModel, KvCache, Precision};
+use moerge_library::Adapter;
+use moerge_sdk::plan::{ExpertRef, MergeSpace, ModulePlan, Plan, PLAN_VERSION};
+
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn plan(experts: &[Adapter], space: MergeSpace) -> Plan {
+    let n = experts.len();
+    Plan {
+        version: PLAN_VERSION,
+        experts: experts
+            .iter()
+            .map(|e| ExpertRef {
+                name: e.name().into(),
+                hash: e.hash().to_string(),
+            })
+            .collect(),
+        default: ModulePlan::Static {
+            weights: vec![1.0 / n as f64; n],
+            space,
+        },
+        modules: Default::default(),
+    }
+}
+
+fn median(mut v: Vec<Duration>) -> f64 {
+    v.sort();
+    v[v.len() / 2].as_secs_f64()
+}
+
+fn phi2_adapters(dir: &std::path::Path, n: usize) -> Vec<Adapter> {
+    let (h, i) = (2560, 10240);
+    let specs: Vec<LoraSpec> = (0..2)
+        .flat_map(|l| {
+            [
+                ("self_attn.q_proj", h, h),
+                ("self_attn.k_proj", h, h),
+                ("self_attn.v_proj", h, h),
+                ("self_attn.dense", h, h),
+                ("mlp.fc1", h, i),
+                ("mlp.fc2", i, h),
+            ]
+            .map(|(m, inp, out)| LoraSpec {
+                module: format!("model.layers.{l}.{m}"),
+                rank: 4,
+                in_features: inp,
+                out_features: out,
+            })
+        })
+        .collect();
+    (0..n)
+        .map(|k| {
+            let d = dir.join(format!("e{k}"));
+            write_adapter(
+                &d,
+                lora_config(
+                    4,
+                    8.0,
+                    &["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"],
+                ),
+                &specs,
+                k as u64,
+            );
+            Adapter::load(&d).unwrap()
+        })
+        .collect()
+}
+
+fn merge_speed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let all = phi2_adapters(tmp.path(), 64);
+    println!("merge, Phi-2 shapes (2 layers, r 4, 6 targets), uniform weights:");
+    for n in [4, 16, 64] {
+        let experts: Vec<Adapter> = all[..n]
+            .iter()
+            .map(|e| Adapter::load(e.dir()).unwrap())
+            .collect();
+        let bytes: usize = experts
+            .iter()
+            .flat_map(|e| {
+                e.modules()
+                    .values()
+                    .flat_map(move |m| [e.tensor_bytes(&m.a).len(), e.tensor_bytes(&m.b).len()])
+            })
+            .sum();
+        let p = plan(&experts, MergeSpace::LowRank);
+        let (mut merge_t, mut copy_t) = (Vec::new(), Vec::new());
+        let mut sink = vec![0u8; bytes];
+        for _ in 0..7 {
+            let start = Instant::now();
+            let merged = merge::merged_modules(&p, &experts).unwrap();
+            merge_t.push(start.elapsed());
+            assert_eq!(merged.len(), 12);
+            // Baseline: copy the same LoRA bytes from the same maps.
+            let start = Instant::now();
+            let mut at = 0;
+            for e in &experts {
+                for m in e.modules().values() {
+                    for t in [&m.a, &m.b] {
+                        let src = e.tensor_bytes(t);
+                        sink[at..at + src.len()].copy_from_slice(src);
+                        at += src.len();
+                    }
+                }
+            }
+            copy_t.push(start.elapsed());
+            std::hint::black_box(&sink);
+        }
+        let (m, c) = (median(merge_t), median(copy_t));
+        let gb = bytes as f64 / 1e9;
+        println!(
+            "  N={n:<3} {:>6.1} MB   lowrank merge {:>7.1} ms ({:>5.1} GB/s)   memcpy {:>6.1} ms ({:>5.1} GB/s)   merge/memcpy time {:.2}",
+            bytes as f64 / 1e6,
+            m * 1e3,
+            gb / m,
+            c * 1e3,
+            gb / c,
+            m / c
+        );
+    }
+    println!("  PEFT 0.21 add_weighted_adapter linear (issue reference): 85 / 83 / 196 ms for N = 4 / 16 / 64");
+}
+
+fn serving_cost(label: &str, dir: &std::path::Path, targets: &[&str]) {
+    let tmp = tempfile::tempdir().unwrap();
+    let specs = lora_specs(dir, targets, 8);
+    let experts: Vec<Adapter> = (0..4)
+        .map(|k| {
+            let d = tmp.path().join(format!("e{k}"));
+            write_adapter(&d, lora_config(8, 16.0, targets), &specs, 10 + k as u64);
+            Adapter::load(&d).unwrap()
+        })
+        .collect();
+    let base = BaseModel::load_dir(dir, Precision::F32).unwrap();
+    let models = [
+        ("one adapter", base.with_adapter(&experts[0]).unwrap()),
+        (
+            "lowrank merge of 4",
+            base.with_plan(&plan(&experts, MergeSpace::LowRank), &experts)
+                .unwrap(),
+        ),
+        (
+            "folded merge of 4",
+            base.with_plan(&plan(&experts, MergeSpace::Folded), &experts)
+                .unwrap(),
+        ),
+    ];
+    let ids: Vec<u32> = (0..8 * 128).map(|i| (i * 7 % 251) as u32).collect();
+    let input = Tensor::from_vec(ids, (8, 128), &Device::Cpu).unwrap();
+    let mut times: Vec<Vec<Duration>> = vec![Vec::new(); models.len()];
+    for round in 0..60 {
+        for (k, (_, m)) in models.iter().enumerate() {
+            let start = Instant::now();
+            m.forward(&input, &mut KvCache::new()).unwrap();
+            if round >= 5 {
+                times[k].push(start.elapsed());
+            }
+        }
+    }
+    let tps: Vec<f64> = times.into_iter().map(|t| 1024.0 / median(t)).collect();
+    for ((name, _), t) in models.iter().zip(&tps) {
+        println!(
+            "  {label:<6} 8x128 {name:<20} {t:>9.0} tok/s   vs one adapter {:.2}",
+            t / tps[0]
+        );
+    }
+}
+
+fn main() {
+    moerge_engine::prefer_data_parallelism();
+    merge_speed();
+    let tmp = tempfile::tempdir().unwrap();
+    let phi = tmp.path().join("phi");
+    write_phi(&phi, TINY_PHI, 1);
+    let llama = tmp.path().join("llama");
+    write_llama(&llama, TINY_LLAMA, 3);
+    println!("serving cost (alternating runs, same process):");
+    serving_cost(
+        "phi",
+        &phi,
+        &["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"],
+    );
+    serving_cost(
+        "llama",
+        &llama,
+        &[
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ],
+    );
+}
