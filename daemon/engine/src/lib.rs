@@ -19,6 +19,7 @@
 //! ```
 
 mod adapter_linear;
+pub mod arrow;
 mod config;
 mod error;
 pub mod inference;
