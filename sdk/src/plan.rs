@@ -51,8 +51,46 @@ pub enum ModulePlan {
         weights: Vec<f64>,
         space: MergeSpace,
     },
+    /// Input-dependent weights: each token's input `x` scores every expert, the `top_k`
+    /// best get `softmax(score / temperature)`, the others exactly 0, and the module adds
+    /// `Σ_e c_e s_e B_e A_e x`.
+    Routed {
+        router: Router,
+        #[serde(default = "default_top_k")]
+        top_k: usize,
+        #[serde(default = "default_temperature")]
+        temperature: f64,
+        #[serde(default)]
+        granularity: Granularity,
+    },
     /// The base weights only.
     None,
+}
+
+fn default_top_k() -> usize {
+    4
+}
+
+fn default_temperature() -> f64 {
+    1.0
+}
+
+/// How a routed module scores the experts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Router {
+    /// Arrow (Ostapenko et al. 2024): score `|x · v_e|`, `v_e` the top right singular vector
+    /// of expert `e`'s `B A`, computed from the factors (no training).
+    Arrow,
+}
+
+/// What one routing decision covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Granularity {
+    /// Every token is routed on its own input (the default, as PEFT's and mttl's Arrow).
+    #[default]
+    Token,
 }
 
 /// Where a static merge is computed.
@@ -153,6 +191,26 @@ impl Plan {
                 .map(|(m, p)| (format!("modules[{m:?}]"), p)),
         );
         for (path, plan) in modules {
+            if let ModulePlan::Routed {
+                top_k, temperature, ..
+            } = plan
+            {
+                if *top_k == 0 || *top_k > self.experts.len() {
+                    return field(
+                        format!("{path}.routed.top_k"),
+                        format!(
+                            "is {top_k}; it must be between 1 and the number of experts ({})",
+                            self.experts.len()
+                        ),
+                    );
+                }
+                if !(temperature.is_finite() && *temperature > 0.0) {
+                    return field(
+                        format!("{path}.routed.temperature"),
+                        format!("is {temperature}; it must be a positive number"),
+                    );
+                }
+            }
             if let ModulePlan::Static { weights, .. } = plan {
                 if weights.len() != self.experts.len() {
                     return field(
@@ -219,6 +277,30 @@ mod tests {
             Ok(()),
         );
         check(&plan_json(r#""default": "none""#), Ok(()));
+        check(
+            &plan_json(
+                r#""default": {"routed": {"router": "arrow", "top_k": 2, "temperature": 0.5}}"#,
+            ),
+            Ok(()),
+        );
+        check(
+            &plan_json(r#""default": {"routed": {"router": "arrow"}}"#).replace("\"a\"", "\"x\""),
+            Err(&["top_k", "is 4", "(2)"]),
+        );
+        check(
+            &plan_json(r#""default": {"routed": {"router": "arrow", "top_k": 0}}"#),
+            Err(&["default.routed.top_k"]),
+        );
+        check(
+            &plan_json(
+                r#""default": {"routed": {"router": "arrow", "top_k": 1, "temperature": 0}}"#,
+            ),
+            Err(&["default.routed.temperature"]),
+        );
+        check(
+            &plan_json(r#""default": {"routed": {"router": "oracle", "top_k": 1}}"#),
+            Err(&["oracle"]),
+        );
         check(
             &plan_json(r#""default": {"static": {"weights": [0.5], "space": "exact"}}"#),
             Err(&["default.static.weights", "1 weights for 2 experts"]),

@@ -15,6 +15,8 @@ enum LoraPath {
     /// Serving: prepared once. `a_t` is `Aᵀ` `[in, r]`, `scaled_b_t` is `(scale · B)ᵀ`
     /// `[r, out]`, both contiguous in the model's compute dtype.
     Frozen { a_t: Tensor, scaled_b_t: Tensor },
+    /// Routing: per-token weights over several experts' stacked factors.
+    Routed(Box<crate::routing::RoutedModule>),
     /// Training: the factors are variables the optimiser updates in place, so every forward
     /// reads them afresh (a prepared copy would go stale after the first step).
     Trainable { a: Var, b: Var, scale: f64 },
@@ -117,6 +119,11 @@ impl AdapterLinear {
         self.lora = Some(LoraPath::Trainable { a, b, scale });
     }
 
+    /// Serves this module routed over several experts (replaces any update attached).
+    pub(crate) fn set_routed(&mut self, routed: crate::routing::RoutedModule) {
+        self.lora = Some(LoraPath::Routed(Box::new(routed)));
+    }
+
     /// Adds `delta` `[out, in]` into the base weight itself (a folded merge): the layer then
     /// serves the merged model at exactly the cost of the base.
     pub(crate) fn fold_into_weight(&mut self, delta: &Tensor) -> Result<()> {
@@ -155,6 +162,16 @@ impl Module for AdapterLinear {
         match &self.lora {
             Some(LoraPath::Frozen { a_t, scaled_b_t }) => {
                 y = (y + x2.matmul(a_t)?.matmul(scaled_b_t)?)?;
+            }
+            Some(LoraPath::Routed(r)) => {
+                let dtype = x2.dtype();
+                let scores = x2.matmul(&r.prototypes.to_dtype(dtype)?.t()?)?.abs()?;
+                let coeffs = crate::routing::top_k_softmax(&scores, r.top_k, r.temperature)
+                    .map_err(|e| candle_core::Error::Msg(e.to_string()))?
+                    .to_dtype(dtype)?;
+                let xa = x2.matmul(&r.a_stack.to_dtype(dtype)?)?;
+                let weighted = (xa * coeffs.matmul(&r.expand.to_dtype(dtype)?)?)?;
+                y = (y + weighted.matmul(&r.b_stack.to_dtype(dtype)?)?)?;
             }
             Some(LoraPath::Trainable { a, b, scale }) => {
                 let delta = (x2.matmul(&a.t()?)?.matmul(&b.t()?)? * *scale)?;

@@ -29,6 +29,7 @@ mod llama;
 pub mod merge;
 mod model;
 mod phi;
+mod routing;
 mod threads;
 mod tokenizer;
 mod trainable;

@@ -235,6 +235,7 @@ impl BaseModel {
                 })?;
         }
         let merged = crate::merge::merged_modules(plan, experts)?;
+        let routed = crate::routing::routed_modules(plan, experts)?;
         let mut model = self.clone();
         let mut by_name: BTreeMap<String, &mut AdapterLinear> = model
             .linears_mut()
@@ -255,6 +256,16 @@ impl BaseModel {
                 }
                 _ => layer.set_lora(&m.a, &m.b, 1.0)?,
             }
+        }
+        for (module, r) in routed {
+            let layer =
+                by_name
+                    .get_mut(module.as_str())
+                    .ok_or_else(|| EngineError::InvalidArgument {
+                        argument: "plan",
+                        message: format!("module {module} is not a linear layer of this model"),
+                    })?;
+            layer.set_routed(r);
         }
         drop(by_name);
         let names: Vec<&str> = plan.experts.iter().map(|e| e.name.as_str()).collect();

@@ -46,3 +46,63 @@ fn prototypes_equal_the_dense_svd() {
         assert!(checked >= 50, "{checked}");
     }
 }
+
+fn arrow_plan(experts: &[Adapter], top_k: usize) -> moerge_sdk::plan::Plan {
+    use moerge_sdk::plan::*;
+    Plan {
+        version: PLAN_VERSION,
+        experts: experts
+            .iter()
+            .map(|e| ExpertRef {
+                name: e.name().into(),
+                hash: e.hash().to_string(),
+            })
+            .collect(),
+        default: ModulePlan::Routed {
+            router: Router::Arrow,
+            top_k,
+            temperature: 1.0,
+            granularity: Granularity::Token,
+        },
+        modules: Default::default(),
+    }
+}
+
+#[test]
+fn arrow_routing_equals_peft_with_exact_prototypes() {
+    use candle_core::DType;
+    use moerge_engine::{inference, BaseModel, Precision};
+    for base_name in ["dev-phi", "dev-llama"] {
+        let names = ["swapcase", "rot13", "twice", "length", "minus"];
+        let experts: Vec<Adapter> = names
+            .iter()
+            .map(|n| Adapter::load(&fixtures().join(base_name).join("adapters").join(n)).unwrap())
+            .collect();
+        let base = BaseModel::load_dir(&fixtures().join(base_name), Precision::F32).unwrap();
+        for k in [2, 3] {
+            let model = base.with_plan(&arrow_plan(&experts, k), &experts).unwrap();
+            let file = fixtures().join(base_name).join(format!(
+                "reference/arrow_top{k}_exactproto_logits.safetensors"
+            ));
+            let reference = candle_core::safetensors::load(file, &Device::Cpu).unwrap();
+            for i in 0..3 {
+                let ids: Vec<u32> = reference[&format!("input_ids.{i}")]
+                    .to_dtype(DType::I64)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<i64>()
+                    .unwrap()
+                    .into_iter()
+                    .map(|x| x as u32)
+                    .collect();
+                let got = inference::logits(&model, &ids).unwrap();
+                let diff = common::max_abs_diff(&got, &reference[&format!("logits.{i}")]);
+                assert!(
+                    diff <= 1e-4,
+                    "{base_name} top-{k} sequence {i}: max |diff| {diff}"
+                );
+            }
+        }
+    }
+}
