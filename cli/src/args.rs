@@ -41,6 +41,27 @@ pub enum Command {
 pub enum PlanCommand {
     /// A static weighted merge of experts.
     Merge(PlanMergeArgs),
+    /// Arrow routing: each token goes to the experts whose prototypes it aligns with most.
+    Arrow(PlanArrowArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PlanArrowArgs {
+    /// Folder of adapter folders; experts are named by their folder names.
+    #[arg(long)]
+    pub library: PathBuf,
+    /// Experts to route between, comma-separated; default every adapter folder in --library.
+    #[arg(long, value_delimiter = ',')]
+    pub experts: Option<Vec<String>>,
+    /// Experts each token uses.
+    #[arg(long, default_value_t = 4)]
+    pub top_k: usize,
+    /// Softmax temperature over the top-k scores.
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f64,
+    /// Write the plan here instead of stdout.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

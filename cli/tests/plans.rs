@@ -233,3 +233,53 @@ fn stale_and_malformed_plans_are_refused_by_name() {
     ]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn arrow_plan_equals_peft_arrow() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = fixtures().join("dev-llama");
+    let library = base.join("adapters");
+    let (base_s, library_s) = (base.to_str().unwrap(), library.to_str().unwrap());
+    let plan = tmp.path().join("arrow.json");
+    // Every adapter folder of the library, in name order (PEFT's order differs: routing does not care).
+    ok(&[
+        "plan",
+        "arrow",
+        "--library",
+        library_s,
+        "--top-k",
+        "3",
+        "--out",
+        plan.to_str().unwrap(),
+    ]);
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&plan).unwrap()).unwrap();
+    assert_eq!(written["experts"].as_array().unwrap().len(), 5);
+    assert_eq!(written["default"]["routed"]["top_k"], 3);
+    let inputs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(base.join("reference/inputs.json")).unwrap())
+            .unwrap();
+    let out = tmp.path().join("arrow.safetensors");
+    ok(&[
+        "logits",
+        "--base",
+        base_s,
+        "--library",
+        library_s,
+        "--plan",
+        plan.to_str().unwrap(),
+        "--text",
+        inputs["sequences"][1].as_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let want = logits(
+        &base.join("reference/arrow_top3_exactproto_logits.safetensors"),
+        "logits.1",
+    );
+    assert!(max_diff(&logits(&out, "logits"), &want) <= 1e-4);
+
+    let too_many = run(&["plan", "arrow", "--library", library_s, "--top-k", "6"]);
+    assert_eq!(too_many.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&too_many.stderr).contains("top_k"));
+}

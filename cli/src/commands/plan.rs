@@ -6,9 +6,11 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use moerge_library::Adapter;
-use moerge_sdk::plan::{ExpertRef, MergeSpace, ModulePlan, Plan, PLAN_VERSION};
+use moerge_sdk::plan::{
+    ExpertRef, Granularity, MergeSpace, ModulePlan, Plan, Router, PLAN_VERSION,
+};
 
-use crate::args::{ExportArgs, PlanMergeArgs, SpaceArg};
+use crate::args::{ExportArgs, PlanArrowArgs, PlanMergeArgs, SpaceArg};
 
 /// Loads the expert `name` from `library`, naming both when it cannot.
 fn load_expert(library: &Path, name: &str) -> Result<Adapter> {
@@ -37,6 +39,65 @@ pub fn read_with_experts(library: &Path, plan_path: &Path) -> Result<(Plan, Vec<
     Ok((plan, experts))
 }
 
+/// Name and hash of each expert, loaded from `library`.
+fn expert_refs(library: &Path, names: &[String]) -> Result<Vec<ExpertRef>> {
+    names
+        .iter()
+        .map(|name| {
+            let adapter = load_expert(library, name)?;
+            Ok(ExpertRef {
+                name: name.clone(),
+                hash: adapter.hash().to_string(),
+            })
+        })
+        .collect()
+}
+
+/// Writes `plan` to `out`, or to stdout.
+fn emit(plan: &Plan, out: Option<&Path>) -> Result<ExitCode> {
+    plan.validate()?;
+    match out {
+        Some(path) => {
+            std::fs::write(path, plan.to_json())
+                .with_context(|| format!("--out {}", path.display()))?;
+            eprintln!("wrote {}", path.display());
+        }
+        None => print!("{}", plan.to_json()),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn arrow(args: &PlanArrowArgs) -> Result<ExitCode> {
+    let names = match &args.experts {
+        Some(names) => names.clone(),
+        None => {
+            let mut names: Vec<String> = std::fs::read_dir(&args.library)
+                .with_context(|| format!("--library {}", args.library.display()))?
+                .filter_map(|e| e.ok())
+                .filter(|e| e.path().join("adapter_config.json").is_file())
+                .filter_map(|e| e.file_name().to_str().map(str::to_string))
+                .collect();
+            names.sort();
+            names
+        }
+    };
+    if names.is_empty() {
+        bail!("--library {}: no adapter folders", args.library.display());
+    }
+    let plan = Plan {
+        version: PLAN_VERSION,
+        experts: expert_refs(&args.library, &names)?,
+        default: ModulePlan::Routed {
+            router: Router::Arrow,
+            top_k: args.top_k,
+            temperature: args.temperature,
+            granularity: Granularity::Token,
+        },
+        modules: Default::default(),
+    };
+    emit(&plan, args.out.as_deref())
+}
+
 pub fn merge(args: &PlanMergeArgs) -> Result<ExitCode> {
     let n = args.experts.len();
     let weights = args
@@ -46,17 +107,7 @@ pub fn merge(args: &PlanMergeArgs) -> Result<ExitCode> {
     if weights.len() != n {
         bail!("--weights: {} weights for {n} experts", weights.len());
     }
-    let experts = args
-        .experts
-        .iter()
-        .map(|name| {
-            let adapter = load_expert(&args.library, name)?;
-            Ok(ExpertRef {
-                name: name.clone(),
-                hash: adapter.hash().to_string(),
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let experts = expert_refs(&args.library, &args.experts)?;
     let space = match args.space {
         SpaceArg::Lowrank => MergeSpace::LowRank,
         SpaceArg::Exact => MergeSpace::Exact,
@@ -68,16 +119,7 @@ pub fn merge(args: &PlanMergeArgs) -> Result<ExitCode> {
         default: ModulePlan::Static { weights, space },
         modules: Default::default(),
     };
-    plan.validate()?;
-    match &args.out {
-        Some(path) => {
-            std::fs::write(path, plan.to_json())
-                .with_context(|| format!("--out {}", path.display()))?;
-            eprintln!("wrote {}", path.display());
-        }
-        None => print!("{}", plan.to_json()),
-    }
-    Ok(ExitCode::SUCCESS)
+    emit(&plan, args.out.as_deref())
 }
 
 pub fn export(args: &ExportArgs) -> Result<ExitCode> {
