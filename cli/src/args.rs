@@ -43,6 +43,33 @@ pub enum PlanCommand {
     Merge(PlanMergeArgs),
     /// Arrow routing: each token goes to the experts whose prototypes it aligns with most.
     Arrow(PlanArrowArgs),
+    /// An output ensemble: every expert runs, their predictions are mixed.
+    Ensemble(PlanEnsembleArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PlanEnsembleArgs {
+    /// Folder of adapter folders; experts are named by their folder names.
+    #[arg(long)]
+    pub library: PathBuf,
+    /// Experts to ensemble, comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub experts: Vec<String>,
+    /// One weight per expert; default 1/N each (probability weights must sum to 1).
+    #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
+    pub weights: Option<Vec<f64>>,
+    /// prob: mix the next-token distributions; logit: mix the logits.
+    #[arg(long, value_enum, default_value_t = LevelArg::Prob)]
+    pub level: LevelArg,
+    /// Write the plan here instead of stdout.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum LevelArg {
+    Prob,
+    Logit,
 }
 
 #[derive(Debug, Args)]

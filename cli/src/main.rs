@@ -27,6 +27,7 @@ fn main() -> ExitCode {
         args::Command::Eval(a) => commands::train::eval(&a),
         args::Command::Plan(args::PlanCommand::Merge(a)) => commands::plan::merge(&a),
         args::Command::Plan(args::PlanCommand::Arrow(a)) => commands::plan::arrow(&a),
+        args::Command::Plan(args::PlanCommand::Ensemble(a)) => commands::plan::ensemble(&a),
         args::Command::Export(a) => commands::plan::export(&a),
     };
     match result {

@@ -283,3 +283,58 @@ fn arrow_plan_equals_peft_arrow() {
     assert_eq!(too_many.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&too_many.stderr).contains("top_k"));
 }
+
+#[test]
+fn ensemble_plan_equals_peft_reference_mixture() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = fixtures().join("dev-phi");
+    let library = base.join("adapters");
+    let (base_s, library_s) = (base.to_str().unwrap(), library.to_str().unwrap());
+    let plan = tmp.path().join("ensemble.json");
+    ok(&[
+        "plan",
+        "ensemble",
+        "--library",
+        library_s,
+        "--experts",
+        "swapcase,rot13,twice,length,minus",
+        "--out",
+        plan.to_str().unwrap(),
+    ]);
+    let inputs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(base.join("reference/inputs.json")).unwrap())
+            .unwrap();
+    let out = tmp.path().join("ensemble.safetensors");
+    ok(&[
+        "logits",
+        "--base",
+        base_s,
+        "--library",
+        library_s,
+        "--plan",
+        plan.to_str().unwrap(),
+        "--text",
+        inputs["sequences"][2].as_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    // For a probability ensemble `moerge logits` writes the log of the mixture probabilities.
+    let want = logits(
+        &base.join("reference/ensemble_uniform.safetensors"),
+        "log_probs.2",
+    );
+    assert!(max_diff(&logits(&out, "logits"), &want) <= 1e-4);
+
+    let bad = run(&[
+        "plan",
+        "ensemble",
+        "--library",
+        library_s,
+        "--experts",
+        "rot13,twice",
+        "--weights",
+        "0.7,0.7",
+    ]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("sum to 1.4"));
+}

@@ -26,11 +26,50 @@ pub struct Plan {
     pub version: u32,
     /// The experts, in the order the weights refer to.
     pub experts: Vec<ExpertRef>,
-    /// What every module gets unless `modules` says otherwise.
+    /// What every module gets unless `modules` says otherwise (a single-pass plan).
+    #[serde(
+        default = "ModulePlan::none",
+        skip_serializing_if = "ModulePlan::is_none"
+    )]
     pub default: ModulePlan,
     /// Per-module overrides, by module path (`model.layers.0.self_attn.q_proj`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub modules: BTreeMap<String, ModulePlan>,
+    /// Instead of one pass: several single-pass members combined at the output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ensemble: Option<Ensemble>,
+}
+
+/// Output ensembling: every member runs (as its own single-pass plan over the same
+/// experts) and their outputs are mixed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ensemble {
+    #[serde(default)]
+    pub level: EnsembleLevel,
+    pub members: Vec<Member>,
+}
+
+/// One ensemble member: its mixture weight and its module plans.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Member {
+    pub weight: f64,
+    pub default: ModulePlan,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub modules: BTreeMap<String, ModulePlan>,
+}
+
+/// Where members are mixed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EnsembleLevel {
+    /// A mixture of the members' next-token distributions, `Σ wᵢ softmax(zᵢ)` (weights ≥ 0,
+    /// summing to 1); the model's output is the log of the mixture.
+    #[default]
+    Probability,
+    /// Weighted logits, `Σ wᵢ zᵢ`.
+    Logit,
 }
 
 /// An expert by folder name and content hash: a plan never silently runs on changed files.
@@ -40,6 +79,18 @@ pub struct ExpertRef {
     pub name: String,
     /// Lowercase hex of the adapter's 32-byte content hash.
     pub hash: String,
+}
+
+impl ModulePlan {
+    /// The base weights only.
+    pub fn none() -> Self {
+        ModulePlan::None
+    }
+
+    /// Whether this is [`ModulePlan::None`].
+    pub fn is_none(&self) -> bool {
+        matches!(self, ModulePlan::None)
+    }
 }
 
 /// How one module combines the experts.
@@ -147,6 +198,28 @@ impl Plan {
         serde_json::to_string_pretty(self).expect("plans serialise") + "\n"
     }
 
+    /// The single-pass plans of an ensemble's members, with their weights (each a plan over
+    /// the same experts); for a single-pass plan, itself with weight 1.
+    pub fn passes(&self) -> Vec<(f64, Plan)> {
+        match &self.ensemble {
+            None => vec![(1.0, self.clone())],
+            Some(e) => e
+                .members
+                .iter()
+                .map(|m| {
+                    let plan = Plan {
+                        version: self.version,
+                        experts: self.experts.clone(),
+                        default: m.default.clone(),
+                        modules: m.modules.clone(),
+                        ensemble: None,
+                    };
+                    (m.weight, plan)
+                })
+                .collect(),
+        }
+    }
+
     /// The plan for `module`: its override, or the default.
     pub fn module(&self, module: &str) -> &ModulePlan {
         self.modules.get(module).unwrap_or(&self.default)
@@ -185,10 +258,55 @@ impl Plan {
                 );
             }
         }
-        let modules = std::iter::once(("default".to_string(), &self.default)).chain(
-            self.modules
+        if let Some(ensemble) = &self.ensemble {
+            if !self.default.is_none() || !self.modules.is_empty() {
+                return field(
+                    "default".into(),
+                    "an ensemble plan puts its module plans in its members, not at the top level"
+                        .into(),
+                );
+            }
+            if ensemble.members.is_empty() {
+                return field("ensemble.members".into(), "is empty".into());
+            }
+            for (i, m) in ensemble.members.iter().enumerate() {
+                if !m.weight.is_finite() {
+                    return field(
+                        format!("ensemble.members[{i}].weight"),
+                        format!("{} is not a finite number", m.weight),
+                    );
+                }
+                if ensemble.level == EnsembleLevel::Probability && m.weight < 0.0 {
+                    return field(
+                        format!("ensemble.members[{i}].weight"),
+                        format!("is {}; mixture weights must not be negative", m.weight),
+                    );
+                }
+                self.check_modules(&format!("ensemble.members[{i}]."), &m.default, &m.modules)?;
+            }
+            let total: f64 = ensemble.members.iter().map(|m| m.weight).sum();
+            if ensemble.level == EnsembleLevel::Probability && (total - 1.0).abs() > 1e-6 {
+                return field(
+                    "ensemble.members".into(),
+                    format!("mixture weights sum to {total}, not 1"),
+                );
+            }
+            return Ok(());
+        }
+        self.check_modules("", &self.default, &self.modules)
+    }
+
+    fn check_modules(
+        &self,
+        prefix: &str,
+        default: &ModulePlan,
+        modules: &BTreeMap<String, ModulePlan>,
+    ) -> Result<(), PlanError> {
+        let field = |field: String, message: String| Err(PlanError::Field { field, message });
+        let modules = std::iter::once((format!("{prefix}default"), default)).chain(
+            modules
                 .iter()
-                .map(|(m, p)| (format!("modules[{m:?}]"), p)),
+                .map(|(m, p)| (format!("{prefix}modules[{m:?}]"), p)),
         );
         for (path, plan) in modules {
             if let ModulePlan::Routed {
@@ -336,6 +454,61 @@ mod tests {
         check(
             r#"{"moerge_plan": 1, "experts": [], "default": "none"}"#,
             Err(&["experts", "no expert"]),
+        );
+        // Ensembles: members carry the module plans; probability weights must mix to 1.
+        let member = |w: f64| {
+            format!(
+                r#"{{"weight": {w}, "default": {{"static": {{"weights": [1, 0], "space": "lowrank"}}}}}}"#
+            )
+        };
+        check(
+            &plan_json(&format!(
+                r#""ensemble": {{"level": "probability", "members": [{}, {}]}}"#,
+                member(0.5),
+                member(0.5)
+            )),
+            Ok(()),
+        );
+        check(
+            &plan_json(&format!(
+                r#""ensemble": {{"level": "logit", "members": [{}, {}]}}"#,
+                member(2.0),
+                member(-1.0)
+            )),
+            Ok(()),
+        );
+        check(
+            &plan_json(&format!(
+                r#""ensemble": {{"members": [{}, {}]}}"#,
+                member(0.5),
+                member(0.6)
+            )),
+            Err(&["ensemble.members", "sum to 1.1"]),
+        );
+        check(
+            &plan_json(&format!(
+                r#""ensemble": {{"members": [{}, {}]}}"#,
+                member(1.5),
+                member(-0.5)
+            )),
+            Err(&["ensemble.members[1].weight"]),
+        );
+        check(
+            &plan_json(
+                r#""ensemble": {"members": [{"weight": 1, "default": {"static": {"weights": [1], "space": "exact"}}}]}"#,
+            ),
+            Err(&["ensemble.members[0].default.static.weights"]),
+        );
+        check(
+            &plan_json(&format!(
+                r#""default": {{"static": {{"weights": [1, 0], "space": "exact"}}}}, "ensemble": {{"members": [{}]}}"#,
+                member(1.0)
+            )),
+            Err(&["default", "members"]),
+        );
+        check(
+            &plan_json(r#""ensemble": {"members": []}"#),
+            Err(&["ensemble.members", "empty"]),
         );
         // JSON has no NaN; a NaN weight can only come from code, which validate() catches.
         let mut plan = Plan::from_json(&plan_json(

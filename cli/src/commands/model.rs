@@ -8,7 +8,10 @@ use std::process::ExitCode;
 use std::sync::mpsc;
 
 use anyhow::{Context, Result};
-use moerge_engine::{inference, BaseModel, ComputeWorker, Precision, StreamDecoder, TextTokenizer};
+use moerge_engine::{
+    inference, BaseModel, ComputeWorker, FusedModel, LanguageModel, Precision, StreamDecoder,
+    TextTokenizer,
+};
 use moerge_library::source::{self, HubSettings, ModelKind};
 use moerge_library::Adapter;
 use serde::Serialize;
@@ -17,7 +20,7 @@ use crate::args::{GenerateArgs, LogitsArgs, ModelArgs, PrecisionArg, ScoreArgs};
 
 /// A model ready to run, with its tokenizer and a compute thread.
 pub(crate) struct Loaded {
-    pub model: BaseModel,
+    pub model: FusedModel,
     pub tokenizer: TextTokenizer,
     pub worker: ComputeWorker,
 }
@@ -50,14 +53,14 @@ pub(crate) fn load(args: &ModelArgs) -> Result<Loaded> {
         .submit(move || {
             let base = BaseModel::load_dir(&base_dir, precision)?;
             match (&adapter, &plan) {
-                (Some(a), _) => base.with_adapter(a),
-                (None, Some((plan, experts))) => base.with_plan(plan, experts),
-                (None, None) => Ok(base),
+                (Some(a), _) => Ok(FusedModel::Single(base.with_adapter(a)?)),
+                (None, Some((plan, experts))) => base.fuse(plan, experts),
+                (None, None) => Ok(FusedModel::Single(base)),
             }
         })
         .wait()
         .with_context(|| format!("--base {}", args.base))?;
-    let tokenizer = TextTokenizer::from_dir(model.info().dir())?;
+    let tokenizer = TextTokenizer::from_dir(model.base().info().dir())?;
     Ok(Loaded {
         model,
         tokenizer,

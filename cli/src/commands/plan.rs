@@ -7,10 +7,11 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use moerge_library::Adapter;
 use moerge_sdk::plan::{
-    ExpertRef, Granularity, MergeSpace, ModulePlan, Plan, Router, PLAN_VERSION,
+    Ensemble, EnsembleLevel, ExpertRef, Granularity, Member, MergeSpace, ModulePlan, Plan, Router,
+    PLAN_VERSION,
 };
 
-use crate::args::{ExportArgs, PlanArrowArgs, PlanMergeArgs, SpaceArg};
+use crate::args::{ExportArgs, LevelArg, PlanArrowArgs, PlanEnsembleArgs, PlanMergeArgs, SpaceArg};
 
 /// Loads the expert `name` from `library`, naming both when it cannot.
 fn load_expert(library: &Path, name: &str) -> Result<Adapter> {
@@ -94,6 +95,41 @@ pub fn arrow(args: &PlanArrowArgs) -> Result<ExitCode> {
             granularity: Granularity::Token,
         },
         modules: Default::default(),
+        ensemble: None,
+    };
+    emit(&plan, args.out.as_deref())
+}
+
+pub fn ensemble(args: &PlanEnsembleArgs) -> Result<ExitCode> {
+    let n = args.experts.len();
+    let weights = args
+        .weights
+        .clone()
+        .unwrap_or_else(|| vec![1.0 / n as f64; n]);
+    if weights.len() != n {
+        bail!("--weights: {} weights for {n} experts", weights.len());
+    }
+    let level = match args.level {
+        LevelArg::Prob => EnsembleLevel::Probability,
+        LevelArg::Logit => EnsembleLevel::Logit,
+    };
+    // Member i is expert i alone (a one-hot exact merge is the adapter itself).
+    let members = (0..n)
+        .map(|i| Member {
+            weight: weights[i],
+            default: ModulePlan::Static {
+                weights: (0..n).map(|j| if i == j { 1.0 } else { 0.0 }).collect(),
+                space: MergeSpace::Exact,
+            },
+            modules: Default::default(),
+        })
+        .collect();
+    let plan = Plan {
+        version: PLAN_VERSION,
+        experts: expert_refs(&args.library, &args.experts)?,
+        default: ModulePlan::None,
+        modules: Default::default(),
+        ensemble: Some(Ensemble { level, members }),
     };
     emit(&plan, args.out.as_deref())
 }
@@ -118,6 +154,7 @@ pub fn merge(args: &PlanMergeArgs) -> Result<ExitCode> {
         experts,
         default: ModulePlan::Static { weights, space },
         modules: Default::default(),
+        ensemble: None,
     };
     emit(&plan, args.out.as_deref())
 }

@@ -9,7 +9,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use moerge_engine::trainer::{self, Example, StepReport, TrainOptions};
-use moerge_engine::{BaseModel, ComputeWorker, LoraSpec, Precision, TextTokenizer};
+use moerge_engine::{BaseModel, ComputeWorker, FusedModel, LoraSpec, Precision, TextTokenizer};
 use moerge_library::records::{self, Record};
 use moerge_library::source::{self, HubSettings, ModelKind};
 use serde::Serialize;
@@ -186,7 +186,7 @@ pub fn eval(args: &EvalArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn run_eval(worker: &ComputeWorker, model: BaseModel, data: Vec<Example>) -> Result<EvalReport> {
+fn run_eval(worker: &ComputeWorker, model: FusedModel, data: Vec<Example>) -> Result<EvalReport> {
     let losses = {
         let data = data.clone();
         worker

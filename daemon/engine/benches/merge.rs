@@ -37,6 +37,7 @@ fn plan(experts: &[Adapter], space: MergeSpace) -> Plan {
             space,
         },
         modules: Default::default(),
+        ensemble: None,
     }
 }
 

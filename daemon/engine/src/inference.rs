@@ -6,11 +6,11 @@ use candle_core::{DType, Tensor, D};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 
 use crate::error::{EngineError, Result};
+use crate::fused::LanguageModel;
 use crate::layers::KvCache;
-use crate::model::BaseModel;
 
 /// Logits `[t, vocab]` of one sequence (batch 1, no padding), one forward pass.
-pub fn logits(model: &BaseModel, ids: &[u32]) -> Result<Tensor> {
+pub fn logits(model: &impl LanguageModel, ids: &[u32]) -> Result<Tensor> {
     let input = ids_tensor(model, ids, "text")?;
     Ok(model.forward(&input, &mut KvCache::new())?.squeeze(0)?)
 }
@@ -32,7 +32,11 @@ impl Score {
 }
 
 /// Scores `completion_ids` after `prompt_ids` in one forward pass.
-pub fn score(model: &BaseModel, prompt_ids: &[u32], completion_ids: &[u32]) -> Result<Score> {
+pub fn score(
+    model: &impl LanguageModel,
+    prompt_ids: &[u32],
+    completion_ids: &[u32],
+) -> Result<Score> {
     if prompt_ids.is_empty() {
         return Err(EngineError::InvalidArgument {
             argument: "prompt",
@@ -64,7 +68,7 @@ pub fn score(model: &BaseModel, prompt_ids: &[u32], completion_ids: &[u32]) -> R
 }
 
 /// The `k` most likely next tokens after `ids`, with their probabilities, best first.
-pub fn top_tokens(model: &BaseModel, ids: &[u32], k: usize) -> Result<Vec<(u32, f32)>> {
+pub fn top_tokens(model: &impl LanguageModel, ids: &[u32], k: usize) -> Result<Vec<(u32, f32)>> {
     let input = ids_tensor(model, ids, "prompt")?;
     let last = model
         .forward_last(&input, &mut KvCache::new())?
@@ -111,7 +115,7 @@ impl Default for GenerateOptions {
 /// `on_token` with each new id as soon as it exists; `on_token` may stop early.
 /// Returns the new ids.
 pub fn generate(
-    model: &BaseModel,
+    model: &impl LanguageModel,
     prompt_ids: &[u32],
     opts: &GenerateOptions,
     mut on_token: impl FnMut(u32) -> ControlFlow<()>,
@@ -162,7 +166,7 @@ pub fn generate(
     Ok(out)
 }
 
-fn ids_tensor(model: &BaseModel, ids: &[u32], argument: &'static str) -> Result<Tensor> {
+fn ids_tensor(model: &impl LanguageModel, ids: &[u32], argument: &'static str) -> Result<Tensor> {
     if ids.is_empty() {
         return Err(EngineError::InvalidArgument {
             argument,

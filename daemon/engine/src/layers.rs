@@ -15,6 +15,8 @@ use crate::error::{EngineError, Result};
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
+    /// One cache per ensemble member (empty for a single model).
+    members: Vec<KvCache>,
 }
 
 impl KvCache {
@@ -25,7 +27,18 @@ impl KvCache {
 
     /// Number of positions already cached.
     pub fn len(&self) -> usize {
-        self.layer_len(0)
+        match self.members.first() {
+            Some(m) if self.layers.is_empty() => m.len(),
+            _ => self.layer_len(0),
+        }
+    }
+
+    /// The cache of ensemble member `i`, created on first use.
+    pub(crate) fn member(&mut self, i: usize) -> &mut KvCache {
+        if self.members.len() <= i {
+            self.members.resize_with(i + 1, KvCache::new);
+        }
+        &mut self.members[i]
     }
 
     /// Number of positions cached for one layer.

@@ -22,6 +22,7 @@ mod adapter_linear;
 pub mod arrow;
 mod config;
 mod error;
+mod fused;
 pub mod inference;
 mod kernels;
 mod layers;
@@ -38,6 +39,7 @@ mod worker;
 
 pub use adapter_linear::AdapterLinear;
 pub use error::{EngineError, Result};
+pub use fused::{EnsembleModel, FusedModel, LanguageModel};
 pub use layers::KvCache;
 pub use llama::{Llama, LlamaConfig};
 pub use model::{BaseModel, Precision};

@@ -9,8 +9,8 @@ use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
 use rand::{Rng, SeedableRng};
 
 use crate::error::{EngineError, Result};
+use crate::fused::LanguageModel;
 use crate::layers::KvCache;
-use crate::model::BaseModel;
 
 /// One training or evaluation record, tokenized.
 #[derive(Debug, Clone, PartialEq)]
@@ -81,7 +81,7 @@ pub fn learning_rate(opts: &TrainOptions, step: usize) -> f64 {
 /// Trains `params` (variables the model reads) to lower the completion loss on `data`.
 /// `on_step` sees every step and may stop the run early.
 pub fn train(
-    model: &BaseModel,
+    model: &impl LanguageModel,
     params: Vec<Var>,
     data: &[Example],
     opts: &TrainOptions,
@@ -196,7 +196,7 @@ fn pack(batch: &[&Example]) -> Result<(Tensor, Tensor, Tensor)> {
 }
 
 /// Per-token NLL `[b, t - 1]` (masked to completion tokens) and the mask.
-fn masked_nll(model: &BaseModel, batch: &[&Example]) -> Result<(Tensor, Tensor)> {
+fn masked_nll(model: &impl LanguageModel, batch: &[&Example]) -> Result<(Tensor, Tensor)> {
     let (ids, targets, mask) = pack(batch)?;
     let t = ids.dim(1)?;
     let logits = model
@@ -208,13 +208,17 @@ fn masked_nll(model: &BaseModel, batch: &[&Example]) -> Result<(Tensor, Tensor)>
 }
 
 /// Mean NLL over every completion token of the batch (a scalar with gradients).
-pub fn batch_loss(model: &BaseModel, batch: &[&Example]) -> Result<Tensor> {
+pub fn batch_loss(model: &impl LanguageModel, batch: &[&Example]) -> Result<Tensor> {
     let (nll, mask) = masked_nll(model, batch)?;
     Ok((nll.sum_all()? / mask.sum_all()?.to_dtype(DType::F32)?)?)
 }
 
 /// Each example's mean NLL per completion token (the paper's loss), in batches.
-pub fn example_losses(model: &BaseModel, data: &[Example], batch_size: usize) -> Result<Vec<f32>> {
+pub fn example_losses(
+    model: &impl LanguageModel,
+    data: &[Example],
+    batch_size: usize,
+) -> Result<Vec<f32>> {
     let mut out = Vec::with_capacity(data.len());
     for chunk in data.chunks(batch_size.max(1)) {
         let refs: Vec<&Example> = chunk.iter().collect();

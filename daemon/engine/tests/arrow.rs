@@ -65,6 +65,7 @@ fn arrow_plan(experts: &[Adapter], top_k: usize) -> moerge_sdk::plan::Plan {
             granularity: Granularity::Token,
         },
         modules: Default::default(),
+        ensemble: None,
     }
 }
 

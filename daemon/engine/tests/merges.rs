@@ -33,6 +33,7 @@ fn plan(experts: &[Adapter], weights: Vec<f64>, space: MergeSpace) -> Plan {
             .collect(),
         default: ModulePlan::Static { weights, space },
         modules: Default::default(),
+        ensemble: None,
     }
 }
 
