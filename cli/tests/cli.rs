@@ -1,45 +1,13 @@
 //! The `moerge` binary end to end on the shared fixtures (models and adapters written by
 //! transformers and PEFT): its numbers must equal theirs, its refusals must name the culprit.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
+
+use common::*;
+
+use std::path::Path;
 
 use safetensors::SafeTensors;
-
-fn fixtures() -> PathBuf {
-    let dir = match std::env::var_os("MOERGE_FIXTURES") {
-        Some(d) => PathBuf::from(d),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures"),
-    };
-    assert!(
-        dir.join("dev-phi").is_dir(),
-        "PEFT fixtures not found at {} (set MOERGE_FIXTURES)",
-        dir.display()
-    );
-    dir
-}
-
-fn moerge(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_moerge"))
-        .args(args)
-        .env("HF_HUB_OFFLINE", "1")
-        .output()
-        .expect("run moerge")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = moerge(args);
-    assert!(
-        out.status.success(),
-        "moerge {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn path(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 /// `(input_ids, logits rows)` of sequence `i` in a reference or output file.
 fn read_logits(file: &Path, suffix: &str) -> (Vec<i64>, Vec<Vec<f32>>) {
@@ -270,7 +238,7 @@ fn inspect_reports_a_fixture_adapter() {
 #[test]
 fn inspect_against_the_wrong_base_says_incompatible_and_fails() {
     let adapter = fixtures().join("dev-phi/adapters/minus");
-    let out = moerge(&[
+    let out = run(&[
         "inspect",
         path(&adapter),
         "--base",
@@ -303,7 +271,7 @@ fn a_pickle_adapter_is_refused_without_reading_it() {
         b"\x80\x04not really a pickle",
     )
     .unwrap();
-    let out = moerge(&["inspect", path(&dir)]);
+    let out = run(&["inspect", path(&dir)]);
     assert_eq!(out.status.code(), Some(1));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -311,7 +279,7 @@ fn a_pickle_adapter_is_refused_without_reading_it() {
         "{text}"
     );
 
-    let run = moerge(&[
+    let run = run(&[
         "score",
         "--base",
         path(&fixtures().join("dev-phi")),
@@ -332,7 +300,7 @@ fn a_pickle_adapter_is_refused_without_reading_it() {
 
 #[test]
 fn missing_inputs_are_named() {
-    let out = moerge(&[
+    let out = run(&[
         "score",
         "--base",
         "/nonexistent/base",
@@ -349,7 +317,7 @@ fn missing_inputs_are_named() {
     );
 
     let base = fixtures().join("dev-phi");
-    let out = moerge(&[
+    let out = run(&[
         "score",
         "--base",
         path(&base),
@@ -361,7 +329,7 @@ fn missing_inputs_are_named() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("prompt"));
 
-    let out = moerge(&[
+    let out = run(&[
         "generate",
         "--base",
         path(&base),

@@ -1,59 +1,9 @@
 //! `moerge plan merge`, `--library/--plan` and `moerge export` end to end on PEFT's fixtures:
 //! a plan's logits equal PEFT's merged adapter's, and an export loads back as the same model.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
 
-use safetensors::SafeTensors;
-
-fn fixtures() -> PathBuf {
-    let dir = match std::env::var_os("MOERGE_FIXTURES") {
-        Some(d) => PathBuf::from(d),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures"),
-    };
-    assert!(
-        dir.join("dev-phi").is_dir(),
-        "PEFT fixtures not found at {} (set MOERGE_FIXTURES)",
-        dir.display()
-    );
-    dir
-}
-
-fn run(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_moerge"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = run(args);
-    assert!(
-        out.status.success(),
-        "moerge {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn logits(file: &Path, key: &str) -> Vec<f32> {
-    let bytes = std::fs::read(file).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    st.tensor(key)
-        .unwrap()
-        .data()
-        .chunks(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect()
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
+use common::*;
 
 #[test]
 fn plan_logits_equal_peft_and_exports_round_trip() {
@@ -95,11 +45,11 @@ fn plan_logits_equal_peft_and_exports_round_trip() {
         "--out",
         out.to_str().unwrap(),
     ]);
-    let want = logits(
+    let want = f32_tensor(
         &base.join("reference/merge_linear_logits.safetensors"),
         "logits.0",
     );
-    let got = logits(&out, "logits");
+    let got = f32_tensor(&out, "logits");
     assert!(
         max_diff(&got, &want) <= 1e-4,
         "plan vs PEFT linear merge: {}",
@@ -138,7 +88,7 @@ fn plan_logits_equal_peft_and_exports_round_trip() {
         "--out",
         out2.to_str().unwrap(),
     ]);
-    assert!(max_diff(&logits(&out2, "logits"), &got) <= 1e-4);
+    assert!(max_diff(&f32_tensor(&out2, "logits"), &got) <= 1e-4);
 }
 
 #[test]
@@ -273,11 +223,11 @@ fn arrow_plan_equals_peft_arrow() {
         "--out",
         out.to_str().unwrap(),
     ]);
-    let want = logits(
+    let want = f32_tensor(
         &base.join("reference/arrow_top3_exactproto_logits.safetensors"),
         "logits.1",
     );
-    assert!(max_diff(&logits(&out, "logits"), &want) <= 1e-4);
+    assert!(max_diff(&f32_tensor(&out, "logits"), &want) <= 1e-4);
 
     let too_many = run(&["plan", "arrow", "--library", library_s, "--top-k", "6"]);
     assert_eq!(too_many.status.code(), Some(1));
@@ -319,11 +269,11 @@ fn ensemble_plan_equals_peft_reference_mixture() {
         out.to_str().unwrap(),
     ]);
     // For a probability ensemble `moerge logits` writes the log of the mixture probabilities.
-    let want = logits(
+    let want = f32_tensor(
         &base.join("reference/ensemble_uniform.safetensors"),
         "log_probs.2",
     );
-    assert!(max_diff(&logits(&out, "logits"), &want) <= 1e-4);
+    assert!(max_diff(&f32_tensor(&out, "logits"), &want) <= 1e-4);
 
     let bad = run(&[
         "plan",

@@ -1,38 +1,11 @@
 //! `moerge train` and `moerge eval` end to end: a trained adapter is a valid PEFT folder that
 //! lowers the loss, and eval's per-task means equal the mean of `moerge score` per record.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use common::*;
+
 use std::process::Command;
-
-fn fixtures() -> PathBuf {
-    let dir = match std::env::var_os("MOERGE_FIXTURES") {
-        Some(d) => PathBuf::from(d),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures"),
-    };
-    assert!(
-        dir.join("dev-phi").is_dir(),
-        "PEFT fixtures not found at {} (set MOERGE_FIXTURES)",
-        dir.display()
-    );
-    dir
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_moerge"))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "moerge {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn json(args: &[&str]) -> serde_json::Value {
-    serde_json::from_str(&ok(args)).unwrap()
-}
 
 #[test]
 fn train_then_eval() {
