@@ -71,7 +71,6 @@ fn arrow_plan(experts: &[Adapter], top_k: usize) -> moerge_sdk::plan::Plan {
 
 #[test]
 fn arrow_routing_equals_peft_with_exact_prototypes() {
-    use candle_core::DType;
     use moerge_engine::{inference, BaseModel, Precision};
     for base_name in ["dev-phi", "dev-llama"] {
         let names = ["swapcase", "rot13", "twice", "length", "minus"];
@@ -82,23 +81,13 @@ fn arrow_routing_equals_peft_with_exact_prototypes() {
         let base = BaseModel::load_dir(&fixtures().join(base_name), Precision::F32).unwrap();
         for k in [2, 3] {
             let model = base.with_plan(&arrow_plan(&experts, k), &experts).unwrap();
-            let file = fixtures().join(base_name).join(format!(
-                "reference/arrow_top{k}_exactproto_logits.safetensors"
-            ));
-            let reference = candle_core::safetensors::load(file, &Device::Cpu).unwrap();
-            for i in 0..3 {
-                let ids: Vec<u32> = reference[&format!("input_ids.{i}")]
-                    .to_dtype(DType::I64)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<i64>()
-                    .unwrap()
-                    .into_iter()
-                    .map(|x| x as u32)
-                    .collect();
+            let file = format!("arrow_top{k}_exactproto_logits.safetensors");
+            for (i, (ids, want)) in common::reference_sequences(base_name, &file, "logits")
+                .into_iter()
+                .enumerate()
+            {
                 let got = inference::logits(&model, &ids).unwrap();
-                let diff = common::max_abs_diff(&got, &reference[&format!("logits.{i}")]);
+                let diff = common::max_abs_diff(&got, &want);
                 assert!(
                     diff <= 1e-4,
                     "{base_name} top-{k} sequence {i}: max |diff| {diff}"

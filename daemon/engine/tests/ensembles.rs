@@ -56,26 +56,11 @@ fn uniform_probability_ensemble_equals_peft_reference() {
             )
             .unwrap();
         assert!(matches!(model, FusedModel::Ensemble(_)));
-        let reference = candle_core::safetensors::load(
-            fixtures()
-                .join(base_name)
-                .join("reference/ensemble_uniform.safetensors"),
-            &Device::Cpu,
-        )
-        .unwrap();
-        for i in 0..3 {
-            let ids: Vec<u32> = reference[&format!("input_ids.{i}")]
-                .to_dtype(DType::I64)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<i64>()
-                .unwrap()
-                .into_iter()
-                .map(|x| x as u32)
-                .collect();
+        let sequences =
+            common::reference_sequences(base_name, "ensemble_uniform.safetensors", "log_probs");
+        for (i, (ids, want)) in sequences.into_iter().enumerate() {
             let got = inference::logits(&model, &ids).unwrap();
-            let diff = max_abs_diff(&got, &reference[&format!("log_probs.{i}")]);
+            let diff = max_abs_diff(&got, &want);
             assert!(diff <= 1e-4, "{base_name} sequence {i}: max |diff| {diff}");
         }
     }

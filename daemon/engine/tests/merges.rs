@@ -4,7 +4,7 @@
 
 mod common;
 
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{Device, Module, Tensor};
 use common::*;
 use moerge_engine::{inference, merge, BaseModel, Precision};
 use moerge_library::Adapter;
@@ -37,36 +37,13 @@ fn plan(experts: &[Adapter], weights: Vec<f64>, space: MergeSpace) -> Plan {
     }
 }
 
-fn reference(base: &str, file: &str) -> Vec<(Vec<u32>, Tensor)> {
-    let t = candle_core::safetensors::load(
-        fixtures().join(base).join("reference").join(file),
-        &Device::Cpu,
-    )
-    .unwrap();
-    (0..3)
-        .map(|i| {
-            let ids = t[&format!("input_ids.{i}")]
-                .to_dtype(DType::I64)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<i64>()
-                .unwrap();
-            (
-                ids.into_iter().map(|x| x as u32).collect(),
-                t[&format!("logits.{i}")].clone(),
-            )
-        })
-        .collect()
-}
-
 fn check_against_peft(base_name: &str, file: &str, weights: Vec<f64>, space: MergeSpace) {
     let base = BaseModel::load_dir(&fixtures().join(base_name), Precision::F32).unwrap();
     let experts = experts(base_name);
     let model = base
         .with_plan(&plan(&experts, weights, space), &experts)
         .unwrap();
-    for (ids, want) in reference(base_name, file) {
+    for (ids, want) in reference_sequences(base_name, file, "logits") {
         let diff = max_abs_diff(&inference::logits(&model, &ids).unwrap(), &want);
         assert!(
             diff <= TOL,

@@ -4,38 +4,18 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::{fixtures, max_abs_diff};
+use common::{fixtures, max_abs_diff, reference_sequences};
 use moerge_engine::{inference, BaseModel, Precision};
 use moerge_library::Adapter;
 
 const TOL: f32 = 1e-4;
 const ADAPTERS: [&str; 5] = ["swapcase", "rot13", "twice", "length", "minus"];
 
-fn reference(base: &str, file: &str) -> Vec<(Vec<u32>, Tensor)> {
-    let path = fixtures().join(base).join("reference").join(file);
-    let tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
-    (0..3)
-        .map(|i| {
-            let ids: Vec<u32> = tensors[&format!("input_ids.{i}")]
-                .to_dtype(DType::I64)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<i64>()
-                .unwrap()
-                .into_iter()
-                .map(|x| x as u32)
-                .collect();
-            (ids, tensors[&format!("logits.{i}")].clone())
-        })
-        .collect()
-}
-
 fn check(base: &str) {
     let dir = fixtures().join(base);
     let model = BaseModel::load_dir(&dir, Precision::F32).unwrap();
     let mut checked = 0;
-    for (ids, want) in reference(base, "base_logits.safetensors") {
+    for (ids, want) in reference_sequences(base, "base_logits.safetensors", "logits") {
         let got = inference::logits(&model, &ids).unwrap();
         let diff = max_abs_diff(&got, &want);
         assert!(diff <= TOL, "{base} base: max |diff| {diff}");
@@ -44,7 +24,11 @@ fn check(base: &str) {
     for name in ADAPTERS {
         let adapter = Adapter::load(&dir.join("adapters").join(name)).unwrap();
         let adapted = model.with_adapter(&adapter).unwrap();
-        for (ids, want) in reference(base, &format!("adapter_{name}_logits.safetensors")) {
+        for (ids, want) in reference_sequences(
+            base,
+            &format!("adapter_{name}_logits.safetensors"),
+            "logits",
+        ) {
             let got = inference::logits(&adapted, &ids).unwrap();
             let diff = max_abs_diff(&got, &want);
             assert!(diff <= TOL, "{base} + {name}: max |diff| {diff}");

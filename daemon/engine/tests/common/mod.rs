@@ -300,3 +300,25 @@ pub fn lora_specs(base_dir: &Path, targets: &[&str], rank: usize) -> Vec<LoraSpe
         })
         .collect()
 }
+
+/// `(input_ids, tensor)` of the three reference sequences in a fixture file: ids from
+/// `input_ids.<i>`, values from `<key>.<i>` (`logits` or `log_probs`).
+pub fn reference_sequences(base: &str, file: &str, key: &str) -> Vec<(Vec<u32>, Tensor)> {
+    let path = fixtures().join(base).join("reference").join(file);
+    let tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    (0..3)
+        .map(|i| {
+            let ids = tensors[&format!("input_ids.{i}")]
+                .to_dtype(candle_core::DType::I64)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<i64>()
+                .unwrap()
+                .into_iter()
+                .map(|x| x as u32)
+                .collect();
+            (ids, tensors[&format!("{key}.{i}")].clone())
+        })
+        .collect()
+}
