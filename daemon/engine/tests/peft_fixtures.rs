@@ -3,7 +3,6 @@
 
 mod common;
 
-use candle_core::{DType, Device, Tensor};
 use common::{fixtures, max_abs_diff, reference_sequences};
 use moerge_engine::{inference, BaseModel, Precision};
 use moerge_library::Adapter;
