@@ -54,6 +54,15 @@ fn expert_refs(library: &Path, names: &[String]) -> Result<Vec<ExpertRef>> {
         .collect()
 }
 
+/// The `--weights` given (one per expert), or 1/N each.
+fn weights_or_uniform(weights: Option<&[f64]>, n: usize) -> Result<Vec<f64>> {
+    match weights {
+        None => Ok(vec![1.0 / n as f64; n]),
+        Some(w) if w.len() == n => Ok(w.to_vec()),
+        Some(w) => bail!("--weights: {} weights for {n} experts", w.len()),
+    }
+}
+
 /// Writes `plan` to `out`, or to stdout.
 fn emit(plan: &Plan, out: Option<&Path>) -> Result<ExitCode> {
     plan.validate()?;
