@@ -111,13 +111,7 @@ pub fn arrow(args: &PlanArrowArgs) -> Result<ExitCode> {
 
 pub fn ensemble(args: &PlanEnsembleArgs) -> Result<ExitCode> {
     let n = args.experts.len();
-    let weights = args
-        .weights
-        .clone()
-        .unwrap_or_else(|| vec![1.0 / n as f64; n]);
-    if weights.len() != n {
-        bail!("--weights: {} weights for {n} experts", weights.len());
-    }
+    let weights = weights_or_uniform(args.weights.as_deref(), n)?;
     let level = match args.level {
         LevelArg::Prob => EnsembleLevel::Probability,
         LevelArg::Logit => EnsembleLevel::Logit,
@@ -145,13 +139,7 @@ pub fn ensemble(args: &PlanEnsembleArgs) -> Result<ExitCode> {
 
 pub fn merge(args: &PlanMergeArgs) -> Result<ExitCode> {
     let n = args.experts.len();
-    let weights = args
-        .weights
-        .clone()
-        .unwrap_or_else(|| vec![1.0 / n as f64; n]);
-    if weights.len() != n {
-        bail!("--weights: {} weights for {n} experts", weights.len());
-    }
+    let weights = weights_or_uniform(args.weights.as_deref(), n)?;
     let experts = expert_refs(&args.library, &args.experts)?;
     let space = match args.space {
         SpaceArg::Lowrank => MergeSpace::LowRank,
