@@ -106,6 +106,10 @@ pub struct PlanMergeArgs {
     /// folded: the exact delta added into the base weights.
     #[arg(long, value_enum, default_value_t = SpaceArg::Lowrank)]
     pub space: SpaceArg,
+    /// With --space exact or folded: keep only the top K singular directions of each merged
+    /// delta (PEFT's svd merge).
+    #[arg(long)]
+    pub svd_rank: Option<usize>,
     /// Write the plan here instead of stdout.
     #[arg(long)]
     pub out: Option<PathBuf>,

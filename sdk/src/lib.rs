@@ -12,7 +12,7 @@
 //!   "default": {"static": {"weights": [0.5, 0.5], "space": "exact"}}
 //! }"#;
 //! let plan = Plan::from_json(json).unwrap();
-//! assert_eq!(plan.default, ModulePlan::Static { weights: vec![0.5, 0.5], space: MergeSpace::Exact });
+//! assert_eq!(plan.default, ModulePlan::Static { weights: vec![0.5, 0.5], space: MergeSpace::Exact, svd_rank: None });
 //! ```
 
 pub mod plan;

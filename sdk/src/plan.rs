@@ -101,6 +101,10 @@ pub enum ModulePlan {
     Static {
         weights: Vec<f64>,
         space: MergeSpace,
+        /// For exact and folded merges: keep only the top `svd_rank` singular directions of
+        /// the merged delta (PEFT's `svd` combination).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        svd_rank: Option<usize>,
     },
     /// Input-dependent weights: each token's input `x` scores every expert, the `top_k`
     /// best get `softmax(score / temperature)`, the others exactly 0, and the module adds
@@ -329,6 +333,19 @@ impl Plan {
                     );
                 }
             }
+            if let ModulePlan::Static {
+                space,
+                svd_rank: Some(k),
+                ..
+            } = plan
+            {
+                if *space == MergeSpace::LowRank || *k == 0 {
+                    return field(
+                        format!("{path}.static.svd_rank"),
+                        format!("is {k}; it needs space \"exact\" or \"folded\" and a rank of at least 1"),
+                    );
+                }
+            }
             if let ModulePlan::Static { weights, .. } = plan {
                 if weights.len() != self.experts.len() {
                     return field(
@@ -395,6 +412,18 @@ mod tests {
             Ok(()),
         );
         check(&plan_json(r#""default": "none""#), Ok(()));
+        check(
+            &plan_json(
+                r#""default": {"static": {"weights": [0.5, 0.5], "space": "exact", "svd_rank": 8}}"#,
+            ),
+            Ok(()),
+        );
+        check(
+            &plan_json(
+                r#""default": {"static": {"weights": [0.5, 0.5], "space": "lowrank", "svd_rank": 8}}"#,
+            ),
+            Err(&["default.static.svd_rank", "exact"]),
+        );
         check(
             &plan_json(
                 r#""default": {"routed": {"router": "arrow", "top_k": 2, "temperature": 0.5}}"#,
@@ -518,6 +547,7 @@ mod tests {
         plan.default = ModulePlan::Static {
             weights: vec![f64::NAN, 1.0],
             space: MergeSpace::Exact,
+            svd_rank: None,
         };
         assert!(plan
             .validate()

@@ -123,6 +123,7 @@ pub fn ensemble(args: &PlanEnsembleArgs) -> Result<ExitCode> {
             default: ModulePlan::Static {
                 weights: (0..n).map(|j| if i == j { 1.0 } else { 0.0 }).collect(),
                 space: MergeSpace::Exact,
+                svd_rank: None,
             },
             modules: Default::default(),
         })
@@ -149,7 +150,11 @@ pub fn merge(args: &PlanMergeArgs) -> Result<ExitCode> {
     let plan = Plan {
         version: PLAN_VERSION,
         experts,
-        default: ModulePlan::Static { weights, space },
+        default: ModulePlan::Static {
+            weights,
+            space,
+            svd_rank: args.svd_rank,
+        },
         modules: Default::default(),
         ensemble: None,
     };

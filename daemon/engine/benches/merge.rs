@@ -40,6 +40,7 @@ fn plan(experts: &[Adapter], space: MergeSpace) -> Plan {
         default: ModulePlan::Static {
             weights: vec![1.0 / n as f64; n],
             space,
+            svd_rank: None,
         },
         modules: Default::default(),
         ensemble: None,
@@ -66,6 +67,7 @@ fn ensemble_plan(experts: &[Adapter]) -> Plan {
             default: ModulePlan::Static {
                 weights: (0..n).map(|j| f64::from(u8::from(i == j))).collect(),
                 space: MergeSpace::Exact,
+                svd_rank: None,
             },
             modules: Default::default(),
         })

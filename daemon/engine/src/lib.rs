@@ -26,6 +26,7 @@ mod fused;
 pub mod inference;
 mod kernels;
 mod layers;
+mod linalg;
 mod llama;
 pub mod merge;
 mod model;

@@ -62,7 +62,12 @@ pub fn merged_modules(plan: &Plan, experts: &[Adapter]) -> Result<BTreeMap<Strin
     let modules: BTreeSet<&String> = experts.iter().flat_map(|e| e.modules().keys()).collect();
     let mut out = BTreeMap::new();
     for module in modules {
-        let ModulePlan::Static { weights, space } = plan.module(module) else {
+        let ModulePlan::Static {
+            weights,
+            space,
+            svd_rank,
+        } = plan.module(module)
+        else {
             continue;
         };
         // Experts that do not adapt this module contribute nothing to it.
@@ -129,6 +134,10 @@ pub fn merged_modules(plan: &Plan, experts: &[Adapter]) -> Result<BTreeMap<Strin
                     Tensor::from_vec(b, (first_out, total), &Device::Cpu)?,
                 )
             }
+        };
+        let (a, b) = match svd_rank {
+            Some(k) if *k < a.dim(0)? => truncate(&a, &b, *k)?,
+            _ => (a, b),
         };
         out.insert(
             module.clone(),
@@ -213,4 +222,65 @@ pub fn export_peft(plan: &Plan, experts: &[Adapter], dir: &Path) -> Result<Conte
         argument: "out",
         message: e.to_string(),
     })
+}
+
+/// The best rank-`k` approximation of `ΔW = B A` (`b` `[out, R]`, `a` `[R, in]`) as new
+/// factors, without forming `ΔW`: thin QR of `B` and `Aᵀ`, SVD of the `R × R` core
+/// `R_b R_aᵀ`, then `B' = Q_b U_k Σ_k` and `A' = (Q_a V_k)ᵀ` (PEFT's `svd` merge).
+fn truncate(a: &Tensor, b: &Tensor, k: usize) -> Result<(Tensor, Tensor)> {
+    use crate::linalg::{symmetric_eigen, thin_qr};
+    let (r, inp) = a.dims2()?;
+    let out = b.dim(0)?;
+    let to64 = |t: &Tensor| -> Result<Vec<f64>> {
+        Ok(t.flatten_all()?
+            .to_vec1::<f32>()?
+            .into_iter()
+            .map(f64::from)
+            .collect())
+    };
+    let a_t = to64(&a.t()?.contiguous()?)?; // in × R
+    let b64 = to64(b)?; // out × R
+    let (qa, ra) = thin_qr(&a_t, inp, r);
+    let (qb, rb) = thin_qr(&b64, out, r);
+    // Core M = R_b R_aᵀ (R × R), then MᵀM = V Σ² Vᵀ and U = M V / σ.
+    let m: Vec<f64> = (0..r * r)
+        .map(|idx| {
+            (0..r)
+                .map(|t| rb[(idx / r) * r + t] * ra[(idx % r) * r + t])
+                .sum()
+        })
+        .collect();
+    let mtm: Vec<f64> = (0..r * r)
+        .map(|idx| {
+            (0..r)
+                .map(|t| m[t * r + idx / r] * m[t * r + idx % r])
+                .sum()
+        })
+        .collect();
+    let (values, v) = symmetric_eigen(&mtm, r);
+    let mut new_b = vec![0f32; out * k];
+    let mut new_a = vec![0f32; k * inp];
+    for c in 0..k {
+        let sigma = values[c].max(0.0).sqrt();
+        // u = M v / σ (zero when σ vanishes: that direction carries nothing).
+        let u: Vec<f64> = (0..r)
+            .map(|i| {
+                if sigma > 0.0 {
+                    (0..r).map(|t| m[i * r + t] * v[t * r + c]).sum::<f64>() / sigma
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        for o in 0..out {
+            new_b[o * k + c] = ((0..r).map(|i| qb[o * r + i] * u[i]).sum::<f64>() * sigma) as f32;
+        }
+        for j in 0..inp {
+            new_a[c * inp + j] = (0..r).map(|i| qa[j * r + i] * v[i * r + c]).sum::<f64>() as f32;
+        }
+    }
+    Ok((
+        Tensor::from_vec(new_a, (k, inp), &Device::Cpu)?,
+        Tensor::from_vec(new_b, (out, k), &Device::Cpu)?,
+    ))
 }

@@ -33,6 +33,7 @@ fn ensemble_plan(experts: &[Adapter], weights: &[f64], level: EnsembleLevel) -> 
                     default: ModulePlan::Static {
                         weights: (0..n).map(|j| if i == j { 1.0 } else { 0.0 }).collect(),
                         space: MergeSpace::Exact,
+                        svd_rank: None,
                     },
                     modules: Default::default(),
                 })

@@ -31,7 +31,11 @@ fn plan(experts: &[Adapter], weights: Vec<f64>, space: MergeSpace) -> Plan {
                 hash: e.hash().to_string(),
             })
             .collect(),
-        default: ModulePlan::Static { weights, space },
+        default: ModulePlan::Static {
+            weights,
+            space,
+            svd_rank: None,
+        },
         modules: Default::default(),
         ensemble: None,
     }
@@ -277,4 +281,31 @@ fn bad_plans_are_refused_by_name() {
     // The same pair merges fine exactly.
     base.with_plan(&plan(&mixed, vec![0.5, 0.5], MergeSpace::Exact), &mixed)
         .unwrap();
+}
+
+#[test]
+fn svd_truncated_merges_equal_peft_svd() {
+    // PEFT's svd merge (weights 1/N, svd_rank 8): the best rank-8 approximation of the exact
+    // merge, which our exact merge truncated to rank 8 reproduces.
+    for base_name in ["dev-phi", "dev-llama"] {
+        let base = BaseModel::load_dir(&fixtures().join(base_name), Precision::F32).unwrap();
+        let experts = experts(base_name);
+        let mut p = plan(&experts, vec![0.2; 5], MergeSpace::Exact);
+        p.default = ModulePlan::Static {
+            weights: vec![0.2; 5],
+            space: MergeSpace::Exact,
+            svd_rank: Some(8),
+        };
+        let model = base.with_plan(&p, &experts).unwrap();
+        for (ids, want) in reference_sequences(base_name, "merge_svd8_logits.safetensors", "logits")
+        {
+            let diff = max_abs_diff(&inference::logits(&model, &ids).unwrap(), &want);
+            assert!(diff <= TOL, "{base_name}: max |diff| {diff}");
+        }
+        // Exported, it is a rank-8 adapter.
+        let tmp = tempfile::tempdir().unwrap();
+        merge::export_peft(&p, &experts, &tmp.path().join("svd")).unwrap();
+        let exported = Adapter::load(&tmp.path().join("svd")).unwrap();
+        assert!(exported.modules().values().all(|m| m.rank == 8));
+    }
 }
