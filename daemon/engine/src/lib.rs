@@ -31,7 +31,7 @@ mod llama;
 pub mod merge;
 mod model;
 mod phi;
-mod routing;
+pub mod routing;
 mod threads;
 mod tokenizer;
 mod trainable;

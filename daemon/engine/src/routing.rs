@@ -91,6 +91,42 @@ pub(crate) fn routed_modules(
     Ok(out)
 }
 
+thread_local! {
+    /// Set while [`trace`] runs on this thread: routed layers report their weights here.
+    static TRACE: std::cell::RefCell<Option<Vec<RoutingRecord>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// The routing weights one routed module gave every input row of one forward call.
+#[derive(Debug, Clone)]
+pub struct RoutingRecord {
+    /// Module path, e.g. `model.layers.0.mlp.fc1`.
+    pub module: String,
+    /// `[rows, E]`, in the module's expert order (the plan's order, skipping experts that do
+    /// not adapt the module); 0 for experts outside the top-k.
+    pub weights: Tensor,
+}
+
+/// Runs `f` on this thread and returns what it returned plus every routing decision made
+/// during it, in call order (what `explain` shows). Costs nothing when not tracing.
+pub fn trace<T>(f: impl FnOnce() -> T) -> (T, Vec<RoutingRecord>) {
+    TRACE.with(|t| *t.borrow_mut() = Some(Vec::new()));
+    let out = f();
+    let records = TRACE.with(|t| t.borrow_mut().take()).unwrap_or_default();
+    (out, records)
+}
+
+/// Called by routed layers with their weights.
+pub(crate) fn note(module: &str, weights: &Tensor) {
+    TRACE.with(|t| {
+        if let Some(records) = t.borrow_mut().as_mut() {
+            records.push(RoutingRecord {
+                module: module.to_string(),
+                weights: weights.clone(),
+            });
+        }
+    });
+}
+
 /// Routing weights `[n, E]` from scores `[n, E]`: per row, softmax of `score / temperature`
 /// over the `top_k` largest scores, exactly 0 elsewhere (ties broken by expert order).
 pub(crate) fn top_k_softmax(scores: &Tensor, top_k: usize, temperature: f64) -> Result<Tensor> {

@@ -96,3 +96,53 @@ fn arrow_routing_equals_peft_with_exact_prototypes() {
         }
     }
 }
+
+#[test]
+fn arrow_routing_weights_equal_peft_per_token_and_module() {
+    use moerge_engine::{inference, routing, BaseModel, Precision};
+    let names = ["swapcase", "rot13", "twice", "length", "minus"];
+    for (base_name, k) in [("dev-phi", 2), ("dev-llama", 3)] {
+        let experts: Vec<Adapter> = names
+            .iter()
+            .map(|n| Adapter::load(&fixtures().join(base_name).join("adapters").join(n)).unwrap())
+            .collect();
+        let base = BaseModel::load_dir(&fixtures().join(base_name), Precision::F32).unwrap();
+        let model = base.with_plan(&arrow_plan(&experts, k), &experts).unwrap();
+        let file = fixtures().join(base_name).join(format!(
+            "reference/arrow_top{k}_exactproto_routing.safetensors"
+        ));
+        let reference = candle_core::safetensors::load(file, &Device::Cpu).unwrap();
+        let sequences = common::reference_sequences(
+            base_name,
+            &format!("arrow_top{k}_exactproto_logits.safetensors"),
+            "logits",
+        );
+        for (i, (ids, _)) in sequences.iter().enumerate() {
+            let (logits, records) = routing::trace(|| inference::logits(&model, ids));
+            logits.unwrap();
+            assert_eq!(
+                records.len(),
+                experts[0].modules().len(),
+                "one record per routed module"
+            );
+            for record in &records {
+                let want = &reference[&format!("{}.coeff.{i}", record.module)];
+                let diff = common::max_abs_diff(&record.weights, want);
+                assert!(
+                    diff < 1e-4,
+                    "{base_name} {} sequence {i}: max |diff| {diff}",
+                    record.module
+                );
+                // At most k experts per token carry weight (a far-behind one may underflow to
+                // 0), and the weights of a token sum to 1.
+                for row in record.weights.to_vec2::<f32>().unwrap() {
+                    assert!(row.iter().filter(|w| **w > 0.0).count() <= k);
+                    assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+                }
+            }
+        }
+        // Outside a trace nothing is recorded (and nothing is kept).
+        let (_, none) = routing::trace(|| ());
+        assert!(none.is_empty());
+    }
+}
