@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
-use moerge_library::{Adapter, ContentHash, NewAdapter, NewModule};
+use moerge_library::{Adapter, ContentHash, NewAdapter};
 use moerge_sdk::plan::{MergeSpace, ModulePlan, Plan};
 
 use crate::error::{EngineError, Result};
@@ -169,59 +169,37 @@ pub fn export_peft(plan: &Plan, experts: &[Adapter], dir: &Path) -> Result<Conte
             "merges no module, so there is nothing to export".into(),
         ));
     }
-    let values = merged
+    // Every module gets scale 1: lora_alpha equals its rank, through alpha_pattern where the
+    // rank differs from the first module's.
+    let factors: Vec<(String, Tensor, Tensor)> =
+        merged.into_iter().map(|(m, f)| (m, f.a, f.b)).collect();
+    let ranks = factors
         .iter()
-        .map(|(m, f)| {
-            let (rank, inp) = f.a.dims2()?;
-            let out = f.b.dim(0)?;
-            Ok((
-                m.clone(),
-                rank,
-                inp,
-                out,
-                f.a.flatten_all()?.to_vec1::<f32>()?,
-                f.b.flatten_all()?.to_vec1::<f32>()?,
-            ))
-        })
+        .map(|(m, a, _)| Ok((m.clone(), a.dim(0)?)))
         .collect::<Result<Vec<_>>>()?;
-    let r = values[0].1;
-    let alpha_overrides = values
+    let r = ranks[0].1;
+    let targets: BTreeSet<String> = ranks
         .iter()
-        .filter(|v| v.1 != r)
-        .map(|v| (v.0.clone(), v.1 as f64))
+        .map(|(m, _)| m.rsplit('.').next().unwrap_or(m).to_string())
         .collect();
-    let targets: BTreeSet<String> = values
-        .iter()
-        .map(|v| v.0.rsplit('.').next().unwrap_or(&v.0).to_string())
-        .collect();
-    let base_name = experts[0]
-        .config()
-        .base_model_name_or_path
-        .clone()
-        .unwrap_or_default();
-    let adapter = NewAdapter {
+    let header = NewAdapter {
         r,
         lora_alpha: r as f64,
         use_rslora: false,
         target_modules: targets.into_iter().collect(),
-        base_model_name_or_path: base_name,
-        alpha_overrides,
-        modules: values
+        base_model_name_or_path: experts[0]
+            .config()
+            .base_model_name_or_path
+            .clone()
+            .unwrap_or_default(),
+        alpha_overrides: ranks
             .iter()
-            .map(|(module, rank, inp, out, a, b)| NewModule {
-                module: module.clone(),
-                rank: *rank,
-                in_features: *inp,
-                out_features: *out,
-                a,
-                b,
-            })
+            .filter(|(_, k)| *k != r)
+            .map(|(m, k)| (m.clone(), *k as f64))
             .collect(),
+        modules: Vec::new(),
     };
-    moerge_library::write_adapter(dir, &adapter).map_err(|e| EngineError::InvalidArgument {
-        argument: "out",
-        message: e.to_string(),
-    })
+    crate::trainable::write_factors(dir, header, &factors)
 }
 
 /// The best rank-`k` approximation of `ΔW = B A` (`b` `[out, R]`, `a` `[R, in]`) as new

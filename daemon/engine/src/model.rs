@@ -227,12 +227,7 @@ impl BaseModel {
         experts: &[Adapter],
     ) -> Result<BaseModel> {
         for adapter in experts {
-            adapter
-                .check_compatible(&self.info)
-                .map_err(|e| EngineError::Incompatible {
-                    adapter: adapter.name().to_string(),
-                    reason: e.to_string(),
-                })?;
+            self.check_fits(adapter)?;
         }
         let merged = crate::merge::merged_modules(plan, experts)?;
         let routed = crate::routing::routed_modules(plan, experts)?;
@@ -242,14 +237,14 @@ impl BaseModel {
             .into_iter()
             .map(|l| (l.name().to_string(), l))
             .collect();
+        let not_a_layer = |module: &str| EngineError::InvalidArgument {
+            argument: "plan",
+            message: format!("module {module} is not a linear layer of this model"),
+        };
         for (module, m) in merged {
-            let layer =
-                by_name
-                    .get_mut(module.as_str())
-                    .ok_or_else(|| EngineError::InvalidArgument {
-                        argument: "plan",
-                        message: format!("module {module} is not a linear layer of this model"),
-                    })?;
+            let layer = by_name
+                .get_mut(module.as_str())
+                .ok_or_else(|| not_a_layer(&module))?;
             match m.space {
                 moerge_sdk::plan::MergeSpace::Folded => {
                     layer.fold_into_weight(&m.b.matmul(&m.a)?)?
@@ -258,13 +253,9 @@ impl BaseModel {
             }
         }
         for (module, r) in routed {
-            let layer =
-                by_name
-                    .get_mut(module.as_str())
-                    .ok_or_else(|| EngineError::InvalidArgument {
-                        argument: "plan",
-                        message: format!("module {module} is not a linear layer of this model"),
-                    })?;
+            let layer = by_name
+                .get_mut(module.as_str())
+                .ok_or_else(|| not_a_layer(&module))?;
             layer.set_routed(r);
         }
         drop(by_name);
@@ -273,16 +264,21 @@ impl BaseModel {
         Ok(model)
     }
 
-    /// A copy of this model with `adapter` attached (unmerged: `W x + scale · B (A x)` in every
-    /// module it targets). Base weights are shared, not copied. Fails, naming the module and
-    /// both shapes, when the adapter does not fit.
-    pub fn with_adapter(&self, adapter: &Adapter) -> Result<BaseModel> {
+    /// Whether `adapter` fits this base (every module exists with matching shapes).
+    fn check_fits(&self, adapter: &Adapter) -> Result<()> {
         adapter
             .check_compatible(&self.info)
             .map_err(|e| EngineError::Incompatible {
                 adapter: adapter.name().to_string(),
                 reason: e.to_string(),
-            })?;
+            })
+    }
+
+    /// A copy of this model with `adapter` attached (unmerged: `W x + scale · B (A x)` in every
+    /// module it targets). Base weights are shared, not copied. Fails, naming the module and
+    /// both shapes, when the adapter does not fit.
+    pub fn with_adapter(&self, adapter: &Adapter) -> Result<BaseModel> {
+        self.check_fits(adapter)?;
         let mut model = self.clone();
         let mut by_name: BTreeMap<String, &mut AdapterLinear> = model
             .linears_mut()

@@ -54,41 +54,59 @@ impl TrainableLora {
 
     /// Writes the factors as a PEFT adapter folder (atomically) and returns its content hash.
     pub fn save_peft(&self, dir: &Path) -> Result<ContentHash> {
-        let values = self
-            .modules
-            .iter()
-            .map(|(m, a, b)| {
-                let (r, inp) = a.dims2()?;
-                let out = b.dim(0)?;
-                let a = a.as_tensor().flatten_all()?.to_vec1::<f32>()?;
-                let b = b.as_tensor().flatten_all()?.to_vec1::<f32>()?;
-                Ok((m.clone(), r, inp, out, a, b))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let adapter = NewAdapter {
+        let header = NewAdapter {
             r: self.spec.rank,
             lora_alpha: self.spec.alpha,
             use_rslora: self.spec.use_rslora,
             target_modules: self.spec.targets.clone(),
             base_model_name_or_path: self.base_name.clone(),
             alpha_overrides: BTreeMap::new(),
-            modules: values
-                .iter()
-                .map(|(module, rank, inp, out, a, b)| NewModule {
-                    module: module.clone(),
-                    rank: *rank,
-                    in_features: *inp,
-                    out_features: *out,
-                    a,
-                    b,
-                })
-                .collect(),
+            modules: Vec::new(),
         };
-        moerge_library::write_adapter(dir, &adapter).map_err(|e| EngineError::InvalidArgument {
-            argument: "out",
-            message: e.to_string(),
-        })
+        let factors: Vec<(String, Tensor, Tensor)> = self
+            .modules
+            .iter()
+            .map(|(m, a, b)| (m.clone(), a.as_tensor().clone(), b.as_tensor().clone()))
+            .collect();
+        write_factors(dir, header, &factors)
     }
+}
+
+/// Writes `(module, A [r, in], B [out, r])` factors under the settings of `header` (whose
+/// `modules` are ignored) as a PEFT adapter folder, atomically; returns its content hash.
+pub(crate) fn write_factors(
+    dir: &Path,
+    header: NewAdapter<'_>,
+    factors: &[(String, Tensor, Tensor)],
+) -> Result<ContentHash> {
+    let values = factors
+        .iter()
+        .map(|(m, a, b)| {
+            let (r, inp) = a.dims2()?;
+            let out = b.dim(0)?;
+            let a = a.flatten_all()?.to_vec1::<f32>()?;
+            let b = b.flatten_all()?.to_vec1::<f32>()?;
+            Ok((m.clone(), r, inp, out, a, b))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let adapter = NewAdapter {
+        modules: values
+            .iter()
+            .map(|(module, rank, inp, out, a, b)| NewModule {
+                module: module.clone(),
+                rank: *rank,
+                in_features: *inp,
+                out_features: *out,
+                a,
+                b,
+            })
+            .collect(),
+        ..header
+    };
+    moerge_library::write_adapter(dir, &adapter).map_err(|e| EngineError::InvalidArgument {
+        argument: "out",
+        message: e.to_string(),
+    })
 }
 
 impl BaseModel {
