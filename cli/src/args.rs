@@ -47,17 +47,25 @@ pub enum PlanCommand {
     Ensemble(PlanEnsembleArgs),
 }
 
+/// Which experts a merge or an ensemble combines, with what weights.
 #[derive(Debug, Args)]
-pub struct PlanEnsembleArgs {
+pub struct WeightedExperts {
     /// Folder of adapter folders; experts are named by their folder names.
     #[arg(long)]
     pub library: PathBuf,
-    /// Experts to ensemble, comma-separated.
+    /// Experts to combine, comma-separated.
     #[arg(long, value_delimiter = ',', required = true)]
     pub experts: Vec<String>,
-    /// One weight per expert; default 1/N each (probability weights must sum to 1).
+    /// One weight per expert, comma-separated; default 1/N each (ensemble probability
+    /// weights must sum to 1).
     #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
     pub weights: Option<Vec<f64>>,
+}
+
+#[derive(Debug, Args)]
+pub struct PlanEnsembleArgs {
+    #[command(flatten)]
+    pub pick: WeightedExperts,
     /// prob: mix the next-token distributions; logit: mix the logits.
     #[arg(long, value_enum, default_value_t = LevelArg::Prob)]
     pub level: LevelArg,
@@ -93,15 +101,8 @@ pub struct PlanArrowArgs {
 
 #[derive(Debug, Args)]
 pub struct PlanMergeArgs {
-    /// Folder of adapter folders; experts are named by their folder names.
-    #[arg(long)]
-    pub library: PathBuf,
-    /// Experts to merge, comma-separated.
-    #[arg(long, value_delimiter = ',', required = true)]
-    pub experts: Vec<String>,
-    /// One weight per expert, comma-separated; default 1/N each.
-    #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
-    pub weights: Option<Vec<f64>>,
+    #[command(flatten)]
+    pub pick: WeightedExperts,
     /// lowrank: average A and B separately (the paper's merge); exact: Σ w s B A;
     /// folded: the exact delta added into the base weights.
     #[arg(long, value_enum, default_value_t = SpaceArg::Lowrank)]

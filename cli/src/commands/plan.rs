@@ -110,8 +110,8 @@ pub fn arrow(args: &PlanArrowArgs) -> Result<ExitCode> {
 }
 
 pub fn ensemble(args: &PlanEnsembleArgs) -> Result<ExitCode> {
-    let n = args.experts.len();
-    let weights = weights_or_uniform(args.weights.as_deref(), n)?;
+    let n = args.pick.experts.len();
+    let weights = weights_or_uniform(args.pick.weights.as_deref(), n)?;
     let level = match args.level {
         LevelArg::Prob => EnsembleLevel::Probability,
         LevelArg::Logit => EnsembleLevel::Logit,
@@ -130,7 +130,7 @@ pub fn ensemble(args: &PlanEnsembleArgs) -> Result<ExitCode> {
         .collect();
     let plan = Plan {
         version: PLAN_VERSION,
-        experts: expert_refs(&args.library, &args.experts)?,
+        experts: expert_refs(&args.pick.library, &args.pick.experts)?,
         default: ModulePlan::None,
         modules: Default::default(),
         ensemble: Some(Ensemble { level, members }),
@@ -139,9 +139,9 @@ pub fn ensemble(args: &PlanEnsembleArgs) -> Result<ExitCode> {
 }
 
 pub fn merge(args: &PlanMergeArgs) -> Result<ExitCode> {
-    let n = args.experts.len();
-    let weights = weights_or_uniform(args.weights.as_deref(), n)?;
-    let experts = expert_refs(&args.library, &args.experts)?;
+    let n = args.pick.experts.len();
+    let weights = weights_or_uniform(args.pick.weights.as_deref(), n)?;
+    let experts = expert_refs(&args.pick.library, &args.pick.experts)?;
     let space = match args.space {
         SpaceArg::Lowrank => MergeSpace::LowRank,
         SpaceArg::Exact => MergeSpace::Exact,
