@@ -38,6 +38,21 @@ pub struct Plan {
     /// Instead of one pass: several single-pass members combined at the output.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ensemble: Option<Ensemble>,
+    /// Content hash (64 lowercase hex, blake3) of the safetensors file that holds the plan's
+    /// large tensors (learned routers), stored next to the plan as `<hash>.safetensors`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tensors: Option<String>,
+}
+
+/// The name of a learned router's weight tensor `[units, in]` for `module` in the plan's
+/// tensor file.
+pub fn router_weight_name(module: &str) -> String {
+    format!("{module}.router.weight")
+}
+
+/// The name of a learned router's bias tensor `[units]` for `module` (optional: absent means 0).
+pub fn router_bias_name(module: &str) -> String {
+    format!("{module}.router.bias")
 }
 
 /// Output ensembling: every member runs (as its own single-pass plan over the same
@@ -106,9 +121,10 @@ pub enum ModulePlan {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         svd_rank: Option<usize>,
     },
-    /// Input-dependent weights: each token's input `x` scores every expert, the `top_k`
+    /// Input-dependent weights: each token's input `x` scores every routed unit, the `top_k`
     /// best get `softmax(score / temperature)`, the others exactly 0, and the module adds
-    /// `Σ_e c_e s_e B_e A_e x`.
+    /// `Σ_u c_u ΔW_u x`. A unit is one expert (`ΔW_e = s_e B_e A_e`), or with `groups` a
+    /// static exact merge of several (hierarchical routing).
     Routed {
         router: Router,
         #[serde(default = "default_top_k")]
@@ -117,6 +133,10 @@ pub enum ModulePlan {
         temperature: f64,
         #[serde(default)]
         granularity: Granularity,
+        /// The routed units, each a weighted exact merge of experts; empty means one unit per
+        /// expert.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        groups: Vec<Group>,
     },
     /// The base weights only.
     None,
@@ -130,13 +150,27 @@ fn default_temperature() -> f64 {
     1.0
 }
 
-/// How a routed module scores the experts.
+/// How a routed module scores its units.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Router {
-    /// Arrow (Ostapenko et al. 2024): score `|x · v_e|`, `v_e` the top right singular vector
-    /// of expert `e`'s `B A`, computed from the factors (no training).
+    /// Arrow (Ostapenko et al. 2024): score `|x · v_u|`, `v_u` the top right singular vector
+    /// of the unit's `ΔW`, computed from the factors (no training).
     Arrow,
+    /// A trained router: score `x · w_u + b_u`, with `w` (`[units, in]`) and `b` (`[units]`,
+    /// optional) read from the plan's tensor file under [`router_weight_name`] and
+    /// [`router_bias_name`].
+    Learned,
+}
+
+/// One routed unit of a hierarchical plan: a static exact merge, one weight per expert of the
+/// plan (0 for experts outside the group).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Group {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub weights: Vec<f64>,
 }
 
 /// What one routing decision covers.
@@ -146,6 +180,11 @@ pub enum Granularity {
     /// Every token is routed on its own input (the default, as PEFT's and mttl's Arrow).
     #[default]
     Token,
+    /// Every token is routed on the mean of the module's inputs over its sequence so far
+    /// (prompt and generated tokens up to and including itself): causal, so scoring a text
+    /// and generating it make the same decisions, and the decision settles as the sequence
+    /// grows.
+    Sequence,
 }
 
 /// Where a static merge is computed.
@@ -217,6 +256,7 @@ impl Plan {
                         default: m.default.clone(),
                         modules: m.modules.clone(),
                         ensemble: None,
+                        tensors: self.tensors.clone(),
                     };
                     (m.weight, plan)
                 })
@@ -224,9 +264,25 @@ impl Plan {
         }
     }
 
-    /// The plan for `module`: its override, or the default.
+    /// The plan for `module`: the override whose key is the longest match (the module path
+    /// itself, or a prefix of it ending at a `.`, such as `model.layers.3` for every module of
+    /// layer 3), else the default.
     pub fn module(&self, module: &str) -> &ModulePlan {
-        self.modules.get(module).unwrap_or(&self.default)
+        let mut key = module;
+        loop {
+            if let Some(plan) = self.modules.get(key) {
+                return plan;
+            }
+            match key.rfind('.') {
+                Some(i) => key = &key[..i],
+                None => return &self.default,
+            }
+        }
+    }
+
+    /// The file name of the plan's tensor file, if it has one (`<hash>.safetensors`).
+    pub fn tensors_file(&self) -> Option<String> {
+        self.tensors.as_ref().map(|h| format!("{h}.safetensors"))
     }
 
     /// Checks what the types cannot: version, expert list, weight counts, finite weights.
@@ -250,15 +306,18 @@ impl Plan {
                     format!("{:?} is listed twice", e.name),
                 );
             }
-            if e.hash.len() != 64
-                || !e
-                    .hash
-                    .bytes()
-                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-            {
+            if !is_hash(&e.hash) {
                 return field(
                     format!("experts[{i}].hash"),
                     format!("{:?} is not 64 lowercase hex digits", e.hash),
+                );
+            }
+        }
+        if let Some(hash) = &self.tensors {
+            if !is_hash(hash) {
+                return field(
+                    "tensors".into(),
+                    format!("{hash:?} is not 64 lowercase hex digits"),
                 );
             }
         }
@@ -314,16 +373,33 @@ impl Plan {
         );
         for (path, plan) in modules {
             if let ModulePlan::Routed {
-                top_k, temperature, ..
+                router,
+                top_k,
+                temperature,
+                groups,
+                ..
             } = plan
             {
-                if *top_k == 0 || *top_k > self.experts.len() {
+                for (g, group) in groups.iter().enumerate() {
+                    self.check_weights(&format!("{path}.routed.groups[{g}]"), &group.weights)?;
+                }
+                let (units, what) = if groups.is_empty() {
+                    (self.experts.len(), "experts")
+                } else {
+                    (groups.len(), "groups")
+                };
+                if *top_k == 0 || *top_k > units {
                     return field(
                         format!("{path}.routed.top_k"),
                         format!(
-                            "is {top_k}; it must be between 1 and the number of experts ({})",
-                            self.experts.len()
+                            "is {top_k}; it must be between 1 and the number of {what} ({units})"
                         ),
+                    );
+                }
+                if *router == Router::Learned && self.tensors.is_none() {
+                    return field(
+                        format!("{path}.routed.router"),
+                        "is \"learned\" but the plan names no tensor file (\"tensors\")".into(),
                     );
                 }
                 if !(temperature.is_finite() && *temperature > 0.0) {
@@ -347,26 +423,39 @@ impl Plan {
                 }
             }
             if let ModulePlan::Static { weights, .. } = plan {
-                if weights.len() != self.experts.len() {
-                    return field(
-                        format!("{path}.static.weights"),
-                        format!(
-                            "has {} weights for {} experts",
-                            weights.len(),
-                            self.experts.len()
-                        ),
-                    );
-                }
-                if let Some(i) = weights.iter().position(|w| !w.is_finite()) {
-                    return field(
-                        format!("{path}.static.weights[{i}]"),
-                        format!("{} is not a finite number", weights[i]),
-                    );
-                }
+                self.check_weights(&format!("{path}.static"), weights)?;
             }
         }
         Ok(())
     }
+
+    /// One weight per expert, all finite; `path` is the object that holds `weights`.
+    fn check_weights(&self, path: &str, weights: &[f64]) -> Result<(), PlanError> {
+        let field = |field: String, message: String| Err(PlanError::Field { field, message });
+        if weights.len() != self.experts.len() {
+            return field(
+                format!("{path}.weights"),
+                format!(
+                    "has {} weights for {} experts",
+                    weights.len(),
+                    self.experts.len()
+                ),
+            );
+        }
+        if let Some(i) = weights.iter().position(|w| !w.is_finite()) {
+            return field(
+                format!("{path}.weights[{i}]"),
+                format!("{} is not a finite number", weights[i]),
+            );
+        }
+        Ok(())
+    }
+}
+
+fn is_hash(s: &str) -> bool {
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 #[cfg(test)]
@@ -539,6 +628,43 @@ mod tests {
             &plan_json(r#""ensemble": {"members": []}"#),
             Err(&["ensemble.members", "empty"]),
         );
+        // Hierarchical routing: groups are the routed units; top_k counts groups.
+        check(
+            &plan_json(
+                r#""default": {"routed": {"router": "arrow", "top_k": 1, "granularity": "sequence", "groups": [{"name": "c0", "weights": [0.5, 0.5]}, {"weights": [0, 1]}]}}"#,
+            ),
+            Ok(()),
+        );
+        check(
+            &plan_json(
+                r#""default": {"routed": {"router": "arrow", "top_k": 2, "groups": [{"weights": [1, 0]}]}}"#,
+            ),
+            Err(&["default.routed.top_k", "groups (1)"]),
+        );
+        check(
+            &plan_json(
+                r#""default": {"routed": {"router": "arrow", "top_k": 1, "groups": [{"weights": [1]}]}}"#,
+            ),
+            Err(&[
+                "default.routed.groups[0].weights",
+                "1 weights for 2 experts",
+            ]),
+        );
+        // Learned routers read their matrices from the plan's tensor file.
+        check(
+            &plan_json(&format!(
+                r#""default": {{"routed": {{"router": "learned", "top_k": 2}}}}, "tensors": "{H1}""#
+            )),
+            Ok(()),
+        );
+        check(
+            &plan_json(r#""default": {"routed": {"router": "learned", "top_k": 2}}"#),
+            Err(&["default.routed.router", "tensors"]),
+        );
+        check(
+            &plan_json(r#""default": "none", "tensors": "abc""#),
+            Err(&["tensors", "abc"]),
+        );
         // JSON has no NaN; a NaN weight can only come from code, which validate() catches.
         let mut plan = Plan::from_json(&plan_json(
             r#""default": {"static": {"weights": [0.5, 0.5], "space": "exact"}}"#,
@@ -554,5 +680,24 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("default.static.weights[0]"));
+    }
+
+    #[test]
+    fn module_overrides_match_the_longest_prefix() {
+        let plan = Plan::from_json(&plan_json(
+            r#""default": {"static": {"weights": [1, 0], "space": "exact"}},
+               "modules": {"model.layers.1": "none",
+                           "model.layers.1.mlp.fc1": {"static": {"weights": [0, 1], "space": "exact"}}}"#,
+        ))
+        .unwrap();
+        let weights = |m: &str| match plan.module(m) {
+            ModulePlan::Static { weights, .. } => weights.clone(),
+            _ => vec![],
+        };
+        assert_eq!(weights("model.layers.0.mlp.fc1"), vec![1.0, 0.0]);
+        assert_eq!(weights("model.layers.1.mlp.fc1"), vec![0.0, 1.0]);
+        assert!(plan.module("model.layers.1.mlp.fc2").is_none());
+        // A prefix must end at a dot: layer 10 is not layer 1.
+        assert_eq!(weights("model.layers.10.mlp.fc2"), vec![1.0, 0.0]);
     }
 }

@@ -102,9 +102,11 @@ pub fn arrow(args: &PlanArrowArgs) -> Result<ExitCode> {
             top_k: args.top_k,
             temperature: args.temperature,
             granularity: Granularity::Token,
+            groups: Vec::new(),
         },
         modules: Default::default(),
         ensemble: None,
+        tensors: None,
     };
     emit(&plan, args.out.as_deref())
 }
@@ -134,6 +136,7 @@ pub fn ensemble(args: &PlanEnsembleArgs) -> Result<ExitCode> {
         default: ModulePlan::None,
         modules: Default::default(),
         ensemble: Some(Ensemble { level, members }),
+        tensors: None,
     };
     emit(&plan, args.out.as_deref())
 }
@@ -157,6 +160,7 @@ pub fn merge(args: &PlanMergeArgs) -> Result<ExitCode> {
         },
         modules: Default::default(),
         ensemble: None,
+        tensors: None,
     };
     emit(&plan, args.out.as_deref())
 }

@@ -44,6 +44,7 @@ fn plan(experts: &[Adapter], space: MergeSpace) -> Plan {
         },
         modules: Default::default(),
         ensemble: None,
+        tensors: None,
     }
 }
 
@@ -54,6 +55,7 @@ fn arrow_plan(experts: &[Adapter]) -> Plan {
             top_k: 2,
             temperature: 1.0,
             granularity: Granularity::Token,
+            groups: Vec::new(),
         },
         ..plan(experts, MergeSpace::Exact)
     }

@@ -60,6 +60,12 @@ pub(crate) fn routed_modules(
         for (row, (_, e, m)) in parts.iter().enumerate() {
             match router {
                 Router::Arrow => protos.extend(arrow::prototype(e, m)),
+                Router::Learned => {
+                    return Err(crate::EngineError::InvalidArgument {
+                        argument: "plan",
+                        message: "learned routers are not executed yet".into(),
+                    })
+                }
             }
             let a = e.tensor_f32(&m.a); // r × in
             let b = e.tensor_f32(&m.b); // out × r

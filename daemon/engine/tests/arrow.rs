@@ -63,9 +63,11 @@ fn arrow_plan(experts: &[Adapter], top_k: usize) -> moerge_sdk::plan::Plan {
             top_k,
             temperature: 1.0,
             granularity: Granularity::Token,
+            groups: Vec::new(),
         },
         modules: Default::default(),
         ensemble: None,
+        tensors: None,
     }
 }
 

@@ -39,6 +39,7 @@ fn ensemble_plan(experts: &[Adapter], weights: &[f64], level: EnsembleLevel) -> 
                 })
                 .collect(),
         }),
+        tensors: None,
     }
 }
 

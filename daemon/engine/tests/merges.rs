@@ -38,6 +38,7 @@ fn plan(experts: &[Adapter], weights: Vec<f64>, space: MergeSpace) -> Plan {
         },
         modules: Default::default(),
         ensemble: None,
+        tensors: None,
     }
 }
 
