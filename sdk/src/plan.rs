@@ -138,8 +138,22 @@ pub enum ModulePlan {
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         groups: Vec<Group>,
     },
+    /// A LoRA update the plan carries itself, read from its tensor file as
+    /// [`fixed_a_name`] `[r, in]` and [`fixed_b_name`] `[out, r]` with scale 1: what merges
+    /// that are not weighted sums of the experts produce (TIES, DARE, distillation).
+    Fixed,
     /// The base weights only.
     None,
+}
+
+/// The name of a fixed module's `A` factor `[r, in]` in the plan's tensor file.
+pub fn fixed_a_name(module: &str) -> String {
+    format!("{module}.lora_A.weight")
+}
+
+/// The name of a fixed module's `B` factor `[out, r]` in the plan's tensor file.
+pub fn fixed_b_name(module: &str) -> String {
+    format!("{module}.lora_B.weight")
 }
 
 fn default_top_k() -> usize {
@@ -425,6 +439,12 @@ impl Plan {
             if let ModulePlan::Static { weights, .. } = plan {
                 self.check_weights(&format!("{path}.static"), weights)?;
             }
+            if *plan == ModulePlan::Fixed && self.tensors.is_none() {
+                return field(
+                    path,
+                    "is \"fixed\" but the plan names no tensor file (\"tensors\")".into(),
+                );
+            }
         }
         Ok(())
     }
@@ -660,6 +680,14 @@ mod tests {
         check(
             &plan_json(r#""default": {"routed": {"router": "learned", "top_k": 2}}"#),
             Err(&["default.routed.router", "tensors"]),
+        );
+        check(
+            &plan_json(&format!(r#""default": "fixed", "tensors": "{H2}""#)),
+            Ok(()),
+        );
+        check(
+            &plan_json(r#""default": "none", "modules": {"m": "fixed"}"#),
+            Err(&["modules[\"m\"]", "tensors"]),
         );
         check(
             &plan_json(r#""default": "none", "tensors": "abc""#),
