@@ -38,6 +38,7 @@ mod ordered_json;
 pub mod records;
 pub mod safetensors_header;
 pub mod source;
+pub mod tensor_file;
 mod write;
 
 pub use adapter::{
@@ -49,6 +50,7 @@ pub use error::{AdapterError, BaseError, Incompatibility};
 pub use hash::{ContentHash, ParseHashError};
 pub use metadata::{ExpertMetadata, METADATA_FILE};
 pub use safetensors_header::{Dtype, HeaderError};
+pub use tensor_file::{read_tensor_file, write_tensor_file, F32Tensor, TensorFileError, TensorMap};
 pub use write::{write_adapter, NewAdapter, NewModule};
 
 /// The name of a folder as given (`.` and `..` resolved), used to name adapters and bases.
