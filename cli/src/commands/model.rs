@@ -54,7 +54,7 @@ pub(crate) fn load(args: &ModelArgs) -> Result<Loaded> {
             let base = BaseModel::load_dir(&base_dir, precision)?;
             match (&adapter, &plan) {
                 (Some(a), _) => Ok(FusedModel::Single(base.with_adapter(a)?)),
-                (None, Some((plan, experts))) => base.fuse(plan, experts),
+                (None, Some(p)) => base.fuse_with(&p.plan, &p.experts, &p.tensors),
                 (None, None) => Ok(FusedModel::Single(base)),
             }
         })

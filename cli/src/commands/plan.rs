@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
-use moerge_library::Adapter;
+use moerge_library::{read_tensor_file, Adapter, TensorMap};
 use moerge_sdk::plan::{
     Ensemble, EnsembleLevel, ExpertRef, Granularity, Member, MergeSpace, ModulePlan, Plan, Router,
     PLAN_VERSION,
@@ -25,19 +25,38 @@ fn load_expert(library: &Path, name: &str) -> Result<Adapter> {
     Adapter::load(&dir).with_context(|| format!("expert {name:?}"))
 }
 
-/// Reads and validates a plan file, and loads its experts from `library` (hashes checked
-/// when the plan is applied).
-pub fn read_with_experts(library: &Path, plan_path: &Path) -> Result<(Plan, Vec<Adapter>)> {
+/// A plan with everything it needs to run: its experts and its tensor file's content.
+pub struct PlanInputs {
+    pub plan: Plan,
+    pub experts: Vec<Adapter>,
+    pub tensors: TensorMap,
+}
+
+/// Reads and validates a plan file, its tensor file (next to it) if it names one, and loads
+/// its experts from `library` (hashes checked when the plan is applied).
+pub fn read_with_experts(library: &Path, plan_path: &Path) -> Result<PlanInputs> {
     let text = std::fs::read_to_string(plan_path)
         .with_context(|| format!("--plan {}", plan_path.display()))?;
     let plan = Plan::from_json(&text).with_context(|| format!("--plan {}", plan_path.display()))?;
+    let tensors = match &plan.tensors {
+        None => TensorMap::new(),
+        Some(hash) => {
+            let dir = plan_path.parent().unwrap_or(Path::new("."));
+            read_tensor_file(dir, hash)
+                .with_context(|| format!("--plan {}", plan_path.display()))?
+        }
+    };
     let experts = plan
         .experts
         .iter()
         .map(|e| load_expert(library, &e.name))
         .collect::<Result<Vec<_>>>()
         .with_context(|| format!("--library {}", library.display()))?;
-    Ok((plan, experts))
+    Ok(PlanInputs {
+        plan,
+        experts,
+        tensors,
+    })
 }
 
 /// Name and hash of each expert, loaded from `library`.
@@ -166,9 +185,14 @@ pub fn merge(args: &PlanMergeArgs) -> Result<ExitCode> {
 }
 
 pub fn export(args: &ExportArgs) -> Result<ExitCode> {
-    let (plan, experts) = read_with_experts(&args.library, &args.plan)?;
-    let hash = moerge_engine::merge::export_peft(&plan, &experts, &args.out)
-        .with_context(|| format!("--out {}", args.out.display()))?;
+    let inputs = read_with_experts(&args.library, &args.plan)?;
+    let hash = moerge_engine::merge::export_peft(
+        &inputs.plan,
+        &inputs.experts,
+        &inputs.tensors,
+        &args.out,
+    )
+    .with_context(|| format!("--out {}", args.out.display()))?;
     println!("wrote {} ({})", args.out.display(), hash.short());
     Ok(ExitCode::SUCCESS)
 }

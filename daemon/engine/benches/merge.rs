@@ -149,7 +149,7 @@ fn merge_speed() {
         let mut sink = vec![0u8; bytes];
         for _ in 0..7 {
             let start = Instant::now();
-            let merged = merge::merged_modules(&p, &experts).unwrap();
+            let merged = merge::merged_modules(&p, &experts, &Default::default()).unwrap();
             merge_t.push(start.elapsed());
             assert_eq!(merged.len(), 12);
             // Baseline: copy the same LoRA bytes from the same maps.
@@ -202,20 +202,31 @@ fn serving_cost(label: &str, dir: &std::path::Path, targets: &[&str]) {
         (
             "lowrank merge of 4",
             single(
-                base.with_plan(&plan(&experts, MergeSpace::LowRank), &experts)
-                    .unwrap(),
+                base.with_plan(
+                    &plan(&experts, MergeSpace::LowRank),
+                    &experts,
+                    &Default::default(),
+                )
+                .unwrap(),
             ),
         ),
         (
             "folded merge of 4",
             single(
-                base.with_plan(&plan(&experts, MergeSpace::Folded), &experts)
-                    .unwrap(),
+                base.with_plan(
+                    &plan(&experts, MergeSpace::Folded),
+                    &experts,
+                    &Default::default(),
+                )
+                .unwrap(),
             ),
         ),
         (
             "arrow top-2 of 4",
-            single(base.with_plan(&arrow_plan(&experts), &experts).unwrap()),
+            single(
+                base.with_plan(&arrow_plan(&experts), &experts, &Default::default())
+                    .unwrap(),
+            ),
         ),
         (
             "4-way prob ensemble",

@@ -164,15 +164,10 @@ impl Module for AdapterLinear {
                 y = (y + x2.matmul(a_t)?.matmul(scaled_b_t)?)?;
             }
             Some(LoraPath::Routed(r)) => {
-                let dtype = x2.dtype();
-                let scores = x2.matmul(&r.prototypes.to_dtype(dtype)?.t()?)?.abs()?;
-                let coeffs = crate::routing::top_k_softmax(&scores, r.top_k, r.temperature)
+                let delta = r
+                    .delta(&self.name, &x2, &lead)
                     .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-                crate::routing::note(&self.name, &coeffs);
-                let coeffs = coeffs.to_dtype(dtype)?;
-                let xa = x2.matmul(&r.a_stack.to_dtype(dtype)?)?;
-                let weighted = (xa * coeffs.matmul(&r.expand.to_dtype(dtype)?)?)?;
-                y = (y + weighted.matmul(&r.b_stack.to_dtype(dtype)?)?)?;
+                y = (y + delta)?;
             }
             Some(LoraPath::Trainable { a, b, scale }) => {
                 let delta = (x2.matmul(&a.t()?)?.matmul(&b.t()?)? * *scale)?;

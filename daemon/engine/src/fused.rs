@@ -3,7 +3,7 @@
 //! inference and training need.
 
 use candle_core::{Device, Tensor, D};
-use moerge_library::Adapter;
+use moerge_library::{Adapter, TensorMap};
 use moerge_sdk::plan::{EnsembleLevel, Plan};
 
 use crate::error::Result;
@@ -154,13 +154,24 @@ impl BaseModel {
     /// Builds what `plan` describes from `experts`: a single fused model, or an ensemble of
     /// one fused model per member.
     pub fn fuse(&self, plan: &Plan, experts: &[Adapter]) -> Result<FusedModel> {
+        self.fuse_with(plan, experts, &TensorMap::new())
+    }
+
+    /// [`BaseModel::fuse`] for a plan with a tensor file (learned routers, fixed modules):
+    /// `tensors` is its content, read with `moerge_library::read_tensor_file`.
+    pub fn fuse_with(
+        &self,
+        plan: &Plan,
+        experts: &[Adapter],
+        tensors: &TensorMap,
+    ) -> Result<FusedModel> {
         if plan.ensemble.is_none() {
-            return Ok(FusedModel::Single(self.with_plan(plan, experts)?));
+            return Ok(FusedModel::Single(self.with_plan(plan, experts, tensors)?));
         }
         let members = plan
             .passes()
             .into_iter()
-            .map(|(w, pass)| Ok((w, self.with_plan(&pass, experts)?)))
+            .map(|(w, pass)| Ok((w, self.with_plan(&pass, experts, tensors)?)))
             .collect::<Result<Vec<_>>>()?;
         let level = plan.ensemble.as_ref().map(|e| e.level).unwrap_or_default();
         Ok(FusedModel::Ensemble(EnsembleModel { members, level }))

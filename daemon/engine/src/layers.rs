@@ -15,6 +15,8 @@ use crate::error::{EngineError, Result};
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
+    /// Running input sums of sequence-routed modules (see `routing`).
+    pub(crate) routing: crate::routing::SequenceSums,
     /// One cache per ensemble member (empty for a single model).
     members: Vec<KvCache>,
 }
@@ -57,6 +59,14 @@ impl KvCache {
     /// Splits the cache along the batch into parts of `sizes` rows (views, no copy).
     pub(crate) fn split_batch(&self, sizes: &[usize]) -> Result<Vec<KvCache>> {
         let mut parts = vec![KvCache::new(); sizes.len()];
+        for (module, (sum, seen)) in &self.routing {
+            let mut start = 0;
+            for (part, &n) in parts.iter_mut().zip(sizes) {
+                part.routing
+                    .insert(module.clone(), (sum.narrow(0, start, n)?, *seen));
+                start += n;
+            }
+        }
         for layer in &self.layers {
             let mut start = 0;
             for (part, &n) in parts.iter_mut().zip(sizes) {
@@ -75,6 +85,16 @@ impl KvCache {
     pub(crate) fn concat_batch(parts: &[KvCache]) -> Result<KvCache> {
         let layers = parts.iter().map(|p| p.layers.len()).max().unwrap_or(0);
         let mut out = KvCache::new();
+        if let Some(first) = parts.first() {
+            for (module, (_, seen)) in &first.routing {
+                let sums: Vec<&Tensor> = parts
+                    .iter()
+                    .filter_map(|p| p.routing.get(module).map(|s| &s.0))
+                    .collect();
+                out.routing
+                    .insert(module.clone(), (Tensor::cat(&sums, 0)?, *seen));
+            }
+        }
         for l in 0..layers {
             let kvs: Option<Vec<&(Tensor, Tensor)>> = parts
                 .iter()

@@ -1,27 +1,6 @@
 //! Small dense linear algebra in f64 for the r × r problems of LoRA factors (Arrow
-//! prototypes, SVD truncation of merges): Cholesky, thin QR, symmetric eigendecomposition.
+//! prototypes, SVD truncation of merges): thin QR, symmetric eigendecomposition.
 //! Sizes are a few dozen, so plain loops are clear and fast enough.
-
-/// Lower-triangular `L` with `L Lᵀ = m` (`n × n`; a tiny ridge keeps a singular `m` usable).
-pub(crate) fn cholesky(m: &[f64], n: usize) -> Vec<f64> {
-    let ridge = 1e-12
-        * (0..n)
-            .map(|i| m[i * n + i])
-            .fold(0f64, f64::max)
-            .max(1e-300);
-    let mut l = vec![0f64; n * n];
-    for i in 0..n {
-        for j in 0..=i {
-            let dot: f64 = (0..j).map(|k| l[i * n + k] * l[j * n + k]).sum();
-            if i == j {
-                l[i * n + i] = (m[i * n + i] + ridge - dot).max(ridge).sqrt();
-            } else {
-                l[i * n + j] = (m[i * n + j] - dot) / l[j * n + j];
-            }
-        }
-    }
-    l
-}
 
 /// Eigenvalues (descending) and unit eigenvectors (as columns of an `n × n` row-major
 /// matrix) of the symmetric `s`, by cyclic Jacobi rotations.

@@ -1,12 +1,12 @@
 //! Static merges: a plan's per-module weights applied to the experts' LoRA factors, in
 //! low-rank space (the paper's "average A and B separately"), exactly (concatenated ranks),
-//! or folded into the base weight. Also exports a merge as a PEFT adapter folder.
+//! or folded into the base weight; and fixed modules, whose factors the plan carries. Also exports a merge as a PEFT adapter folder.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
-use moerge_library::{Adapter, ContentHash, NewAdapter};
+use moerge_library::{Adapter, ContentHash, NewAdapter, TensorMap};
 use moerge_sdk::plan::{MergeSpace, ModulePlan, Plan};
 
 use crate::error::{EngineError, Result};
@@ -56,11 +56,16 @@ pub(crate) fn check_experts(plan: &Plan, experts: &[Adapter]) -> Result<()> {
     Ok(())
 }
 
-/// The merged factors of every module a static part of `plan` touches.
-pub fn merged_modules(plan: &Plan, experts: &[Adapter]) -> Result<BTreeMap<String, MergedModule>> {
+/// The merged factors of every module a static or fixed part of `plan` touches (fixed
+/// modules read their factors from `tensors`, the plan's tensor file).
+pub fn merged_modules(
+    plan: &Plan,
+    experts: &[Adapter],
+    tensors: &TensorMap,
+) -> Result<BTreeMap<String, MergedModule>> {
     check_experts(plan, experts)?;
+    let mut out = fixed_modules(plan, tensors)?;
     let modules: BTreeSet<&String> = experts.iter().flat_map(|e| e.modules().keys()).collect();
-    let mut out = BTreeMap::new();
     for module in modules {
         let ModulePlan::Static {
             weights,
@@ -151,19 +156,80 @@ pub fn merged_modules(plan: &Plan, experts: &[Adapter]) -> Result<BTreeMap<Strin
     Ok(out)
 }
 
+/// The modules `plan` marks fixed: their factors are named in `tensors` by module path, so
+/// the tensor names say which modules exist (a fixed module may be one no expert adapts).
+fn fixed_modules(plan: &Plan, tensors: &TensorMap) -> Result<BTreeMap<String, MergedModule>> {
+    use moerge_sdk::plan::{fixed_a_name, fixed_b_name};
+    let mut out = BTreeMap::new();
+    for name in tensors.keys() {
+        let Some(module) = name.strip_suffix(".lora_A.weight") else {
+            continue;
+        };
+        if plan.module(module) != &ModulePlan::Fixed {
+            continue;
+        }
+        let (a_name, b_name) = (fixed_a_name(module), fixed_b_name(module));
+        let a = &tensors[&a_name];
+        let b = tensors.get(&b_name).ok_or_else(|| {
+            plan_error(format!(
+                "module {module} is fixed: the plan's tensors have {a_name} but no {b_name}"
+            ))
+        })?;
+        let (&[r, inp], &[out_features, rb]) = (a.shape.as_slice(), b.shape.as_slice()) else {
+            return Err(plan_error(format!(
+                "module {module}: fixed factors must be 2-D, got {a_name} {:?} and {b_name} {:?}",
+                a.shape, b.shape
+            )));
+        };
+        if rb != r {
+            return Err(plan_error(format!(
+                "module {module}: {a_name} has rank {r} but {b_name} has {rb}"
+            )));
+        }
+        out.insert(
+            module.to_string(),
+            MergedModule {
+                space: MergeSpace::Exact,
+                a: Tensor::from_vec(a.data.clone(), (r, inp), &Device::Cpu)?,
+                b: Tensor::from_vec(b.data.clone(), (out_features, r), &Device::Cpu)?,
+            },
+        );
+    }
+    let fixed_somewhere = std::iter::once(&plan.default)
+        .chain(plan.modules.values())
+        .any(|p| *p == ModulePlan::Fixed);
+    if fixed_somewhere && out.is_empty() {
+        return Err(plan_error(
+            "marks modules fixed but the plan's tensors hold no <module>.lora_A.weight factors"
+                .into(),
+        ));
+    }
+    Ok(out)
+}
+
 /// Writes the static merge of `plan` as a PEFT LoRA folder: low-rank merges keep their rank,
 /// exact (and folded) merges get the concatenated rank, every module with scale 1
 /// (`lora_alpha` = its rank, through `alpha_pattern` where ranks differ).
-pub fn export_peft(plan: &Plan, experts: &[Adapter], dir: &Path) -> Result<ContentHash> {
+pub fn export_peft(
+    plan: &Plan,
+    experts: &[Adapter],
+    tensors: &TensorMap,
+    dir: &Path,
+) -> Result<ContentHash> {
     if let Some((m, _)) = std::iter::once(("default", &plan.default))
         .chain(plan.modules.iter().map(|(k, v)| (k.as_str(), v)))
-        .find(|(_, p)| !matches!(p, ModulePlan::Static { .. } | ModulePlan::None))
+        .find(|(_, p)| {
+            !matches!(
+                p,
+                ModulePlan::Static { .. } | ModulePlan::Fixed | ModulePlan::None
+            )
+        })
     {
         return Err(plan_error(format!(
             "module plan {m} is not a static merge; only static merges export as one PEFT adapter"
         )));
     }
-    let merged = merged_modules(plan, experts)?;
+    let merged = merged_modules(plan, experts, tensors)?;
     if merged.is_empty() {
         return Err(plan_error(
             "merges no module, so there is nothing to export".into(),

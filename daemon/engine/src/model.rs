@@ -178,10 +178,14 @@ impl BaseModel {
     }
 
     fn forward_hidden(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        match &self.family {
+        // Sequence-routed modules keep running input sums in the request's cache.
+        let mut sums = std::mem::take(&mut cache.routing);
+        let out = crate::routing::with_sequence_sums(&mut sums, || match &self.family {
             Family::Phi(m) => m.forward_hidden(ids, cache),
             Family::Llama(m) => m.forward_hidden(ids, cache),
-        }
+        });
+        cache.routing = sums;
+        out
     }
 
     fn lm_head(&self) -> &AdapterLinear {
@@ -219,18 +223,20 @@ impl BaseModel {
     }
 
     /// A copy of this model fused as `plan` says from `experts` (the plan's experts, in its
-    /// order, with the hashes it names). Low-rank and exact merges are served as one LoRA
-    /// path per module; folded merges are added into the base weights.
+    /// order, with the hashes it names) and `tensors` (the plan's tensor file, empty when it
+    /// has none). Low-rank, exact and fixed merges are served as one LoRA path per module;
+    /// folded merges are added into the base weights.
     pub fn with_plan(
         &self,
         plan: &moerge_sdk::plan::Plan,
         experts: &[Adapter],
+        tensors: &moerge_library::TensorMap,
     ) -> Result<BaseModel> {
         for adapter in experts {
             self.check_fits(adapter)?;
         }
-        let merged = crate::merge::merged_modules(plan, experts)?;
-        let routed = crate::routing::routed_modules(plan, experts)?;
+        let merged = crate::merge::merged_modules(plan, experts, tensors)?;
+        let routed = crate::routing::routed_modules(plan, experts, tensors)?;
         let mut model = self.clone();
         let mut by_name: BTreeMap<String, &mut AdapterLinear> = model
             .linears_mut()

@@ -1,35 +1,63 @@
-//! Routed modules: per-token expert weights from a router (Arrow today), softmax over the
-//! top-k scores, the others exactly 0. The experts' factors are stacked once, so a routed
-//! forward is three small matmuls whatever the number of experts.
+//! Routed modules: per-token weights over routed units (experts, or static merges of
+//! several experts for hierarchical plans) from a router (Arrow or learned), softmax over
+//! the top-k scores, the others exactly 0. The units' factors are stacked once, so a routed
+//! forward is a few small matmuls whatever the number of units.
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 
 use candle_core::{DType, Device, Tensor};
-use moerge_library::Adapter;
-use moerge_sdk::plan::{ModulePlan, Plan, Router};
+use moerge_library::{Adapter, LoraModule, TensorMap};
+use moerge_sdk::plan::{self, Granularity, ModulePlan, Plan, Router};
 
 use crate::arrow;
-use crate::error::Result;
+use crate::error::{EngineError, Result};
+
+/// How a routed module scores its units.
+#[derive(Debug, Clone)]
+pub(crate) enum Scorer {
+    /// `|x · v_u|`, prototypes `[U, in]`.
+    Arrow { prototypes: Tensor },
+    /// `x · w_u + b_u`, weight `[U, in]`, bias `[U]`.
+    Learned {
+        weight: Tensor,
+        bias: Option<Tensor>,
+    },
+}
 
 /// One routed module, ready to serve.
 #[derive(Debug, Clone)]
 pub(crate) struct RoutedModule {
-    /// `[E, in]`: one unit prototype per expert that adapts this module.
-    pub prototypes: Tensor,
-    /// `[in, Σr]`: the experts' `Aᵀ` side by side.
+    pub scorer: Scorer,
+    /// `[in, Σr]`: the units' `Aᵀ` side by side.
     pub a_stack: Tensor,
-    /// `[Σr, out]`: the experts' `(s B)ᵀ` stacked.
+    /// `[Σr, out]`: the units' `(w s B)ᵀ` stacked.
     pub b_stack: Tensor,
-    /// `[E, Σr]`: 1 where a column belongs to the expert, spreading each weight over its rank.
+    /// `[U, Σr]`: 1 where a column belongs to the unit, spreading each weight over its rank.
     pub expand: Tensor,
     pub top_k: usize,
     pub temperature: f64,
+    pub granularity: Granularity,
+    /// Unit names (expert or group names), in router order: what traces report.
+    pub units: Vec<String>,
 }
 
-/// Every module `plan` routes, with its stacked factors and router.
+fn plan_error(message: String) -> EngineError {
+    EngineError::InvalidArgument {
+        argument: "plan",
+        message,
+    }
+}
+
+/// One routed unit's contribution to a module: `(weight, adapter, module)` per member.
+type UnitParts<'a> = Vec<(f64, &'a Adapter, &'a LoraModule)>;
+
+/// Every module `plan` routes, with its stacked factors and router. Learned routers read
+/// their matrices from `tensors`.
 pub(crate) fn routed_modules(
     plan: &Plan,
     experts: &[Adapter],
+    tensors: &TensorMap,
 ) -> Result<BTreeMap<String, RoutedModule>> {
     crate::merge::check_experts(plan, experts)?;
     let modules: BTreeSet<&String> = experts.iter().flat_map(|e| e.modules().keys()).collect();
@@ -39,67 +67,256 @@ pub(crate) fn routed_modules(
             router,
             top_k,
             temperature,
-            ..
+            granularity,
+            groups,
         } = plan.module(module)
         else {
             continue;
         };
-        let parts: Vec<(usize, &Adapter, &moerge_library::LoraModule)> = experts
-            .iter()
-            .enumerate()
-            .filter_map(|(i, e)| e.modules().get(module).map(|m| (i, e, m)))
+        // The units: each expert alone, or each group's weighted members.
+        let unit_weights: Vec<(String, Vec<f64>)> = if groups.is_empty() {
+            (0..experts.len())
+                .map(|i| {
+                    let mut w = vec![0.0; experts.len()];
+                    w[i] = 1.0;
+                    (plan.experts[i].name.clone(), w)
+                })
+                .collect()
+        } else {
+            groups
+                .iter()
+                .enumerate()
+                .map(|(g, group)| {
+                    let name = group.name.clone().unwrap_or_else(|| format!("group{g}"));
+                    (name, group.weights.clone())
+                })
+                .collect()
+        };
+        let mut units: Vec<(String, UnitParts<'_>)> = unit_weights
+            .into_iter()
+            .map(|(name, weights)| {
+                let parts = experts
+                    .iter()
+                    .zip(weights)
+                    .filter(|(_, w)| *w != 0.0)
+                    .filter_map(|(e, w)| e.modules().get(module).map(|m| (w, e, m)))
+                    .collect();
+                (name, parts)
+            })
             .collect();
-        let inp = parts[0].2.in_features;
-        let out_features = parts[0].2.out_features;
-        let total: usize = parts.iter().map(|(_, _, m)| m.rank).sum();
-        let mut protos = Vec::with_capacity(parts.len() * inp);
+        if *router == Router::Arrow {
+            // A unit that does not adapt this module has no prototype: it cannot be routed to.
+            units.retain(|(_, parts)| !parts.is_empty());
+        }
+        let Some(first) = units.iter().flat_map(|(_, p)| p.first()).next() else {
+            continue;
+        };
+        let (inp, out_features) = (first.2.in_features, first.2.out_features);
+        let total: usize = units
+            .iter()
+            .flat_map(|(_, p)| p.iter().map(|(_, _, m)| m.rank))
+            .sum();
         let mut a_stack = vec![0f32; inp * total];
         let mut b_stack = vec![0f32; total * out_features];
-        let mut expand = vec![0f32; parts.len() * total];
+        let mut expand = vec![0f32; units.len() * total];
+        let mut protos = Vec::new();
         let mut offset = 0;
-        for (row, (_, e, m)) in parts.iter().enumerate() {
-            match router {
-                Router::Arrow => protos.extend(arrow::prototype(e, m)),
-                Router::Learned => {
-                    return Err(crate::EngineError::InvalidArgument {
-                        argument: "plan",
-                        message: "learned routers are not executed yet".into(),
-                    })
+        for (row, (_, parts)) in units.iter().enumerate() {
+            let unit_start = offset;
+            for (w, e, m) in parts {
+                let a = e.tensor_f32(&m.a); // r × in
+                let b = e.tensor_f32(&m.b); // out × r
+                let c = (w * m.scale) as f32;
+                for k in 0..m.rank {
+                    for j in 0..inp {
+                        a_stack[j * total + offset + k] = a[k * inp + j];
+                    }
+                    for o in 0..out_features {
+                        b_stack[(offset + k) * out_features + o] = c * b[o * m.rank + k];
+                    }
+                    expand[row * total + offset + k] = 1.0;
                 }
+                offset += m.rank;
             }
-            let a = e.tensor_f32(&m.a); // r × in
-            let b = e.tensor_f32(&m.b); // out × r
-            for k in 0..m.rank {
-                for j in 0..inp {
-                    a_stack[j * total + offset + k] = a[k * inp + j];
-                }
-                for o in 0..out_features {
-                    b_stack[(offset + k) * out_features + o] = (m.scale as f32) * b[o * m.rank + k];
-                }
-                expand[row * total + offset + k] = 1.0;
+            if *router == Router::Arrow {
+                protos.extend(match parts.as_slice() {
+                    [(_, e, m)] => arrow::cached_prototype(e, m),
+                    _ => unit_prototype(
+                        &a_stack,
+                        &b_stack,
+                        inp,
+                        out_features,
+                        total,
+                        unit_start..offset,
+                    ),
+                });
             }
-            offset += m.rank;
         }
-        let e = parts.len();
+        let u = units.len();
         let dev = Device::Cpu;
+        let scorer = match router {
+            Router::Arrow => Scorer::Arrow {
+                prototypes: Tensor::from_vec(protos, (u, inp), &dev)?,
+            },
+            Router::Learned => learned_scorer(module, u, inp, tensors)?,
+        };
         out.insert(
             module.clone(),
             RoutedModule {
-                prototypes: Tensor::from_vec(protos, (e, inp), &dev)?,
+                scorer,
                 a_stack: Tensor::from_vec(a_stack, (inp, total), &dev)?,
                 b_stack: Tensor::from_vec(b_stack, (total, out_features), &dev)?,
-                expand: Tensor::from_vec(expand, (e, total), &dev)?,
-                top_k: (*top_k).min(e),
+                expand: Tensor::from_vec(expand, (u, total), &dev)?,
+                top_k: (*top_k).min(u),
                 temperature: *temperature,
+                granularity: *granularity,
+                units: units.into_iter().map(|(name, _)| name).collect(),
             },
         );
     }
     Ok(out)
 }
 
+/// The Arrow prototype of a merged unit, from its columns `cols` of the stacks.
+fn unit_prototype(
+    a_stack: &[f32],
+    b_stack: &[f32],
+    inp: usize,
+    out: usize,
+    total: usize,
+    cols: std::ops::Range<usize>,
+) -> Vec<f32> {
+    let r = cols.len();
+    let mut a = vec![0f64; r * inp];
+    let mut b = vec![0f64; out * r];
+    for (k, col) in cols.enumerate() {
+        for j in 0..inp {
+            a[k * inp + j] = f64::from(a_stack[j * total + col]);
+        }
+        for o in 0..out {
+            b[o * r + k] = f64::from(b_stack[col * out + o]);
+        }
+    }
+    arrow::prototype_of_factors(&a, &b, r, inp, out)
+}
+
+/// A learned router's matrices from the plan's tensors, checked against the module.
+fn learned_scorer(module: &str, units: usize, inp: usize, tensors: &TensorMap) -> Result<Scorer> {
+    let weight_name = plan::router_weight_name(module);
+    let weight = tensors.get(&weight_name).ok_or_else(|| {
+        plan_error(format!(
+            "module {module} routes with a learned router but the plan's tensors have no {weight_name}"
+        ))
+    })?;
+    if weight.shape != [units, inp] {
+        return Err(plan_error(format!(
+            "tensor {weight_name} is {:?} but module {module} needs [{units}, {inp}] (units × in_features)",
+            weight.shape
+        )));
+    }
+    let bias_name = plan::router_bias_name(module);
+    let bias = match tensors.get(&bias_name) {
+        None => None,
+        Some(b) if b.shape == [units] => {
+            Some(Tensor::from_vec(b.data.clone(), units, &Device::Cpu)?)
+        }
+        Some(b) => {
+            return Err(plan_error(format!(
+                "tensor {bias_name} is {:?} but module {module} needs [{units}]",
+                b.shape
+            )))
+        }
+    };
+    Ok(Scorer::Learned {
+        weight: Tensor::from_vec(weight.data.clone(), (units, inp), &Device::Cpu)?,
+        bias,
+    })
+}
+
+impl RoutedModule {
+    /// The routed update `Σ_u c_u ΔW_u x` for inputs `x2` `[n, in]` (`lead` the leading
+    /// dims, `[b, t]` for a batch of sequences), recording the weights when tracing.
+    pub(crate) fn delta(&self, module: &str, x2: &Tensor, lead: &[usize]) -> Result<Tensor> {
+        let dtype = x2.dtype();
+        let input = match self.granularity {
+            Granularity::Token => x2.clone(),
+            Granularity::Sequence => sequence_means(module, x2, lead)?,
+        };
+        let scores = match &self.scorer {
+            Scorer::Arrow { prototypes } => {
+                input.matmul(&prototypes.to_dtype(dtype)?.t()?)?.abs()?
+            }
+            Scorer::Learned { weight, bias } => {
+                let s = input.matmul(&weight.to_dtype(dtype)?.t()?)?;
+                match bias {
+                    Some(b) => s.broadcast_add(&b.to_dtype(dtype)?)?,
+                    None => s,
+                }
+            }
+        };
+        let coeffs = top_k_softmax(&scores, self.top_k, self.temperature)?;
+        note(module, &self.units, &coeffs);
+        let coeffs = coeffs.to_dtype(dtype)?;
+        let xa = x2.matmul(&self.a_stack.to_dtype(dtype)?)?;
+        let weighted = (xa * coeffs.matmul(&self.expand.to_dtype(dtype)?)?)?;
+        Ok(weighted.matmul(&self.b_stack.to_dtype(dtype)?)?)
+    }
+}
+
+/// Running sums of routed modules' inputs per sequence, for sequence-granularity routing
+/// across decoding steps: module → (`[b, in]` sum so far, positions so far). Kept in the
+/// request's [`crate::KvCache`].
+pub(crate) type SequenceSums = BTreeMap<String, (Tensor, usize)>;
+
+thread_local! {
+    /// The sums of the forward pass running on this thread (installed by the model).
+    static SEQUENCE: RefCell<Option<SequenceSums>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` (one forward pass) with `sums` available to sequence-routed modules, and keeps
+/// what they add to it.
+pub(crate) fn with_sequence_sums<T>(sums: &mut SequenceSums, f: impl FnOnce() -> T) -> T {
+    let previous = SEQUENCE.with(|s| s.borrow_mut().replace(std::mem::take(sums)));
+    let out = f();
+    *sums = SEQUENCE
+        .with(|s| std::mem::replace(&mut *s.borrow_mut(), previous))
+        .unwrap_or_default();
+    out
+}
+
+/// Per position, the mean of the inputs of its sequence up to and including it.
+fn sequence_means(module: &str, x2: &Tensor, lead: &[usize]) -> Result<Tensor> {
+    let (n, inp) = x2.dims2()?;
+    let b = if lead.len() >= 2 { lead[0] } else { 1 };
+    let t = n / b;
+    let x3 = x2.to_dtype(DType::F32)?.reshape((b, t, inp))?;
+    let prefix = SEQUENCE.with(|s| s.borrow().as_ref().and_then(|m| m.get(module).cloned()));
+    let (mut cum, seen) = (x3.cumsum(1)?, prefix.as_ref().map_or(0, |p| p.1));
+    if let Some((sum, _)) = &prefix {
+        if sum.dim(0)? != b {
+            return Err(plan_error(format!(
+                "module {module}: sequence routing state has {} rows but this step has {b}",
+                sum.dim(0)?
+            )));
+        }
+        cum = cum.broadcast_add(&sum.unsqueeze(1)?)?;
+    }
+    let counts: Vec<f32> = (0..t).map(|i| (seen + i + 1) as f32).collect();
+    let counts = Tensor::from_vec(counts, (1, t, 1), x2.device())?;
+    let means = cum.broadcast_div(&counts)?;
+    SEQUENCE.with(|s| {
+        if let Some(map) = s.borrow_mut().as_mut() {
+            if let Ok(last) = cum.narrow(1, t - 1, 1).and_then(|l| l.squeeze(1)) {
+                map.insert(module.to_string(), (last, seen + t));
+            }
+        }
+    });
+    Ok(means.reshape((n, inp))?.to_dtype(x2.dtype())?)
+}
+
 thread_local! {
     /// Set while [`trace`] runs on this thread: routed layers report their weights here.
-    static TRACE: std::cell::RefCell<Option<Vec<RoutingRecord>>> = const { std::cell::RefCell::new(None) };
+    static TRACE: RefCell<Option<Vec<RoutingRecord>>> = const { RefCell::new(None) };
 }
 
 /// The routing weights one routed module gave every input row of one forward call.
@@ -107,8 +324,10 @@ thread_local! {
 pub struct RoutingRecord {
     /// Module path, e.g. `model.layers.0.mlp.fc1`.
     pub module: String,
-    /// `[rows, E]`, in the module's expert order (the plan's order, skipping experts that do
-    /// not adapt the module); 0 for experts outside the top-k.
+    /// The routed units in column order: expert names (the plan's order; with an Arrow
+    /// router, skipping experts that do not adapt the module) or group names.
+    pub units: Vec<String>,
+    /// `[rows, U]`; 0 for units outside the top-k.
     pub weights: Tensor,
 }
 
@@ -122,11 +341,12 @@ pub fn trace<T>(f: impl FnOnce() -> T) -> (T, Vec<RoutingRecord>) {
 }
 
 /// Called by routed layers with their weights.
-pub(crate) fn note(module: &str, weights: &Tensor) {
+fn note(module: &str, units: &[String], weights: &Tensor) {
     TRACE.with(|t| {
         if let Some(records) = t.borrow_mut().as_mut() {
             records.push(RoutingRecord {
                 module: module.to_string(),
+                units: units.to_vec(),
                 weights: weights.clone(),
             });
         }

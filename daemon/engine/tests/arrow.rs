@@ -82,7 +82,9 @@ fn arrow_routing_equals_peft_with_exact_prototypes() {
             .collect();
         let base = BaseModel::load_dir(&fixtures().join(base_name), Precision::F32).unwrap();
         for k in [2, 3] {
-            let model = base.with_plan(&arrow_plan(&experts, k), &experts).unwrap();
+            let model = base
+                .with_plan(&arrow_plan(&experts, k), &experts, &Default::default())
+                .unwrap();
             let file = format!("arrow_top{k}_exactproto_logits.safetensors");
             for (i, (ids, want)) in common::reference_sequences(base_name, &file, "logits")
                 .into_iter()
@@ -109,7 +111,9 @@ fn arrow_routing_weights_equal_peft_per_token_and_module() {
             .map(|n| Adapter::load(&fixtures().join(base_name).join("adapters").join(n)).unwrap())
             .collect();
         let base = BaseModel::load_dir(&fixtures().join(base_name), Precision::F32).unwrap();
-        let model = base.with_plan(&arrow_plan(&experts, k), &experts).unwrap();
+        let model = base
+            .with_plan(&arrow_plan(&experts, k), &experts, &Default::default())
+            .unwrap();
         let file = fixtures().join(base_name).join(format!(
             "reference/arrow_top{k}_exactproto_routing.safetensors"
         ));

@@ -46,7 +46,11 @@ fn check_against_peft(base_name: &str, file: &str, weights: Vec<f64>, space: Mer
     let base = BaseModel::load_dir(&fixtures().join(base_name), Precision::F32).unwrap();
     let experts = experts(base_name);
     let model = base
-        .with_plan(&plan(&experts, weights, space), &experts)
+        .with_plan(
+            &plan(&experts, weights, space),
+            &experts,
+            &Default::default(),
+        )
         .unwrap();
     for (ids, want) in reference_sequences(base_name, file, "logits") {
         let diff = max_abs_diff(&inference::logits(&model, &ids).unwrap(), &want);
@@ -190,7 +194,11 @@ fn merged_deltas_match_plain_loops_including_negative_weights() {
     let xt = Tensor::from_vec(x.clone(), (1, 96), &Device::Cpu).unwrap();
     for space in [MergeSpace::LowRank, MergeSpace::Exact, MergeSpace::Folded] {
         let model = base
-            .with_plan(&plan(&experts, weights.clone(), space), &experts)
+            .with_plan(
+                &plan(&experts, weights.clone(), space),
+                &experts,
+                &Default::default(),
+            )
             .unwrap();
         let merged = model.linear(module).unwrap();
         let got = (merged.forward(&xt).unwrap()
@@ -224,7 +232,7 @@ fn exported_merges_load_back_as_plain_adapters() {
     {
         let p = plan(&experts, vec![0.5, 0.3, 0.1, -0.2, 0.4], space);
         let dir = tmp.path().join(format!("export-{i}"));
-        merge::export_peft(&p, &experts, &dir).unwrap();
+        merge::export_peft(&p, &experts, &Default::default(), &dir).unwrap();
         let exported = Adapter::load(&dir).unwrap();
         let rank = exported.modules().values().next().unwrap().rank;
         assert_eq!(
@@ -232,7 +240,11 @@ fn exported_merges_load_back_as_plain_adapters() {
             if space == MergeSpace::LowRank { 8 } else { 40 },
             "{space:?}"
         );
-        let want = inference::logits(&base.with_plan(&p, &experts).unwrap(), &ids).unwrap();
+        let want = inference::logits(
+            &base.with_plan(&p, &experts, &Default::default()).unwrap(),
+            &ids,
+        )
+        .unwrap();
         let got = inference::logits(&base.with_adapter(&exported).unwrap(), &ids).unwrap();
         let diff = max_abs_diff(&got, &want);
         assert!(diff <= TOL, "{space:?}: exported adapter differs by {diff}");
@@ -243,7 +255,7 @@ fn exported_merges_load_back_as_plain_adapters() {
 fn bad_plans_are_refused_by_name() {
     let base = BaseModel::load_dir(&fixtures().join("dev-phi"), Precision::F32).unwrap();
     let experts = experts("dev-phi");
-    let err = |p: &Plan, e: &[Adapter]| match base.with_plan(p, e) {
+    let err = |p: &Plan, e: &[Adapter]| match base.with_plan(p, e, &Default::default()) {
         Ok(_) => panic!("accepted {p:?}"),
         Err(e) => e.to_string(),
     };
@@ -280,8 +292,12 @@ fn bad_plans_are_refused_by_name() {
         "{msg}"
     );
     // The same pair merges fine exactly.
-    base.with_plan(&plan(&mixed, vec![0.5, 0.5], MergeSpace::Exact), &mixed)
-        .unwrap();
+    base.with_plan(
+        &plan(&mixed, vec![0.5, 0.5], MergeSpace::Exact),
+        &mixed,
+        &Default::default(),
+    )
+    .unwrap();
 }
 
 #[test]
@@ -297,7 +313,7 @@ fn svd_truncated_merges_equal_peft_svd() {
             space: MergeSpace::Exact,
             svd_rank: Some(8),
         };
-        let model = base.with_plan(&p, &experts).unwrap();
+        let model = base.with_plan(&p, &experts, &Default::default()).unwrap();
         for (ids, want) in reference_sequences(base_name, "merge_svd8_logits.safetensors", "logits")
         {
             let diff = max_abs_diff(&inference::logits(&model, &ids).unwrap(), &want);
@@ -305,7 +321,7 @@ fn svd_truncated_merges_equal_peft_svd() {
         }
         // Exported, it is a rank-8 adapter.
         let tmp = tempfile::tempdir().unwrap();
-        merge::export_peft(&p, &experts, &tmp.path().join("svd")).unwrap();
+        merge::export_peft(&p, &experts, &Default::default(), &tmp.path().join("svd")).unwrap();
         let exported = Adapter::load(&tmp.path().join("svd")).unwrap();
         assert!(exported.modules().values().all(|m| m.rank == 8));
     }
