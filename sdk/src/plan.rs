@@ -282,14 +282,20 @@ impl Plan {
     /// itself, or a prefix of it ending at a `.`, such as `model.layers.3` for every module of
     /// layer 3), else the default.
     pub fn module(&self, module: &str) -> &ModulePlan {
+        self.entry(module).1
+    }
+
+    /// Which entry gives `module` its plan: the key of the override (`Some`), or the default
+    /// (`None`), with the plan. Modules sharing an entry share its learned weights.
+    pub fn entry(&self, module: &str) -> (Option<&str>, &ModulePlan) {
         let mut key = module;
         loop {
-            if let Some(plan) = self.modules.get(key) {
-                return plan;
+            if let Some((k, plan)) = self.modules.get_key_value(key) {
+                return (Some(k.as_str()), plan);
             }
             match key.rfind('.') {
                 Some(i) => key = &key[..i],
-                None => return &self.default,
+                None => return (None, &self.default),
             }
         }
     }

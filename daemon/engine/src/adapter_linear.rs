@@ -17,6 +17,8 @@ enum LoraPath {
     Frozen { a_t: Tensor, scaled_b_t: Tensor },
     /// Routing: per-token weights over several experts' stacked factors.
     Routed(Box<crate::routing::RoutedModule>),
+    /// Fitting a plan: merge weights, group weights or router matrices are variables.
+    Fitting(Box<crate::plan_fit::FitModule>),
     /// Training: the factors are variables the optimiser updates in place, so every forward
     /// reads them afresh (a prepared copy would go stale after the first step).
     Trainable { a: Var, b: Var, scale: f64 },
@@ -124,6 +126,11 @@ impl AdapterLinear {
         self.lora = Some(LoraPath::Routed(Box::new(routed)));
     }
 
+    /// Serves this module from a plan's trainable parameters (replaces any update attached).
+    pub(crate) fn set_fitting(&mut self, module: crate::plan_fit::FitModule) {
+        self.lora = Some(LoraPath::Fitting(Box::new(module)));
+    }
+
     /// Adds `delta` `[out, in]` into the base weight itself (a folded merge): the layer then
     /// serves the merged model at exactly the cost of the base.
     pub(crate) fn fold_into_weight(&mut self, delta: &Tensor) -> Result<()> {
@@ -166,6 +173,12 @@ impl Module for AdapterLinear {
             Some(LoraPath::Routed(r)) => {
                 let delta = r
                     .delta(&self.name, &x2, &lead)
+                    .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                y = (y + delta)?;
+            }
+            Some(LoraPath::Fitting(m)) => {
+                let delta = m
+                    .delta(&x2, &lead)
                     .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
                 y = (y + delta)?;
             }

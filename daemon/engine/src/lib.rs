@@ -21,6 +21,7 @@
 mod adapter_linear;
 pub mod arrow;
 mod config;
+mod ensemble_fit;
 mod error;
 mod fused;
 pub mod inference;
@@ -31,6 +32,7 @@ mod llama;
 pub mod merge;
 mod model;
 mod phi;
+pub mod plan_fit;
 pub mod routing;
 mod threads;
 mod tokenizer;

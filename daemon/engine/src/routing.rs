@@ -63,118 +63,127 @@ pub(crate) fn routed_modules(
     let modules: BTreeSet<&String> = experts.iter().flat_map(|e| e.modules().keys()).collect();
     let mut out = BTreeMap::new();
     for module in modules {
-        let ModulePlan::Routed {
-            router,
-            top_k,
-            temperature,
-            granularity,
-            groups,
-        } = plan.module(module)
-        else {
-            continue;
-        };
-        // The units: each expert alone, or each group's weighted members.
-        let unit_weights: Vec<(String, Vec<f64>)> = if groups.is_empty() {
-            (0..experts.len())
-                .map(|i| {
-                    let mut w = vec![0.0; experts.len()];
-                    w[i] = 1.0;
-                    (plan.experts[i].name.clone(), w)
-                })
-                .collect()
-        } else {
-            groups
-                .iter()
-                .enumerate()
-                .map(|(g, group)| {
-                    let name = group.name.clone().unwrap_or_else(|| format!("group{g}"));
-                    (name, group.weights.clone())
-                })
-                .collect()
-        };
-        let mut units: Vec<(String, UnitParts<'_>)> = unit_weights
-            .into_iter()
-            .map(|(name, weights)| {
-                let parts = experts
-                    .iter()
-                    .zip(weights)
-                    .filter(|(_, w)| *w != 0.0)
-                    .filter_map(|(e, w)| e.modules().get(module).map(|m| (w, e, m)))
-                    .collect();
-                (name, parts)
-            })
-            .collect();
-        if *router == Router::Arrow {
-            // A unit that does not adapt this module has no prototype: it cannot be routed to.
-            units.retain(|(_, parts)| !parts.is_empty());
+        if let Some(routed) = routed_module(module, plan, experts, tensors)? {
+            out.insert(module.clone(), routed);
         }
-        let Some(first) = units.iter().flat_map(|(_, p)| p.first()).next() else {
-            continue;
-        };
-        let (inp, out_features) = (first.2.in_features, first.2.out_features);
-        let total: usize = units
-            .iter()
-            .flat_map(|(_, p)| p.iter().map(|(_, _, m)| m.rank))
-            .sum();
-        let mut a_stack = vec![0f32; inp * total];
-        let mut b_stack = vec![0f32; total * out_features];
-        let mut expand = vec![0f32; units.len() * total];
-        let mut protos = Vec::new();
-        let mut offset = 0;
-        for (row, (_, parts)) in units.iter().enumerate() {
-            let unit_start = offset;
-            for (w, e, m) in parts {
-                let a = e.tensor_f32(&m.a); // r × in
-                let b = e.tensor_f32(&m.b); // out × r
-                let c = (w * m.scale) as f32;
-                for k in 0..m.rank {
-                    for j in 0..inp {
-                        a_stack[j * total + offset + k] = a[k * inp + j];
-                    }
-                    for o in 0..out_features {
-                        b_stack[(offset + k) * out_features + o] = c * b[o * m.rank + k];
-                    }
-                    expand[row * total + offset + k] = 1.0;
-                }
-                offset += m.rank;
-            }
-            if *router == Router::Arrow {
-                protos.extend(match parts.as_slice() {
-                    [(_, e, m)] => arrow::cached_prototype(e, m),
-                    _ => unit_prototype(
-                        &a_stack,
-                        &b_stack,
-                        inp,
-                        out_features,
-                        total,
-                        unit_start..offset,
-                    ),
-                });
-            }
-        }
-        let u = units.len();
-        let dev = Device::Cpu;
-        let scorer = match router {
-            Router::Arrow => Scorer::Arrow {
-                prototypes: Tensor::from_vec(protos, (u, inp), &dev)?,
-            },
-            Router::Learned => learned_scorer(module, u, inp, tensors)?,
-        };
-        out.insert(
-            module.clone(),
-            RoutedModule {
-                scorer,
-                a_stack: Tensor::from_vec(a_stack, (inp, total), &dev)?,
-                b_stack: Tensor::from_vec(b_stack, (total, out_features), &dev)?,
-                expand: Tensor::from_vec(expand, (u, total), &dev)?,
-                top_k: (*top_k).min(u),
-                temperature: *temperature,
-                granularity: *granularity,
-                units: units.into_iter().map(|(name, _)| name).collect(),
-            },
-        );
     }
     Ok(out)
+}
+
+/// The routed form of one `module`, or `None` when the plan does not route it.
+pub(crate) fn routed_module(
+    module: &str,
+    plan: &Plan,
+    experts: &[Adapter],
+    tensors: &TensorMap,
+) -> Result<Option<RoutedModule>> {
+    let ModulePlan::Routed {
+        router,
+        top_k,
+        temperature,
+        granularity,
+        groups,
+    } = plan.module(module)
+    else {
+        return Ok(None);
+    };
+    // The units: each expert alone, or each group's weighted members.
+    let unit_weights: Vec<(String, Vec<f64>)> = if groups.is_empty() {
+        (0..experts.len())
+            .map(|i| {
+                let mut w = vec![0.0; experts.len()];
+                w[i] = 1.0;
+                (plan.experts[i].name.clone(), w)
+            })
+            .collect()
+    } else {
+        groups
+            .iter()
+            .enumerate()
+            .map(|(g, group)| {
+                let name = group.name.clone().unwrap_or_else(|| format!("group{g}"));
+                (name, group.weights.clone())
+            })
+            .collect()
+    };
+    let mut units: Vec<(String, UnitParts<'_>)> = unit_weights
+        .into_iter()
+        .map(|(name, weights)| {
+            let parts = experts
+                .iter()
+                .zip(weights)
+                .filter(|(_, w)| *w != 0.0)
+                .filter_map(|(e, w)| e.modules().get(module).map(|m| (w, e, m)))
+                .collect();
+            (name, parts)
+        })
+        .collect();
+    if *router == Router::Arrow {
+        // A unit that does not adapt this module has no prototype: it cannot be routed to.
+        units.retain(|(_, parts)| !parts.is_empty());
+    }
+    let Some(first) = units.iter().flat_map(|(_, p)| p.first()).next() else {
+        return Ok(None);
+    };
+    let (inp, out_features) = (first.2.in_features, first.2.out_features);
+    let total: usize = units
+        .iter()
+        .flat_map(|(_, p)| p.iter().map(|(_, _, m)| m.rank))
+        .sum();
+    let mut a_stack = vec![0f32; inp * total];
+    let mut b_stack = vec![0f32; total * out_features];
+    let mut expand = vec![0f32; units.len() * total];
+    let mut protos = Vec::new();
+    let mut offset = 0;
+    for (row, (_, parts)) in units.iter().enumerate() {
+        let unit_start = offset;
+        for (w, e, m) in parts {
+            let a = e.tensor_f32(&m.a); // r × in
+            let b = e.tensor_f32(&m.b); // out × r
+            let c = (w * m.scale) as f32;
+            for k in 0..m.rank {
+                for j in 0..inp {
+                    a_stack[j * total + offset + k] = a[k * inp + j];
+                }
+                for o in 0..out_features {
+                    b_stack[(offset + k) * out_features + o] = c * b[o * m.rank + k];
+                }
+                expand[row * total + offset + k] = 1.0;
+            }
+            offset += m.rank;
+        }
+        if *router == Router::Arrow {
+            protos.extend(match parts.as_slice() {
+                [(_, e, m)] => arrow::cached_prototype(e, m),
+                _ => unit_prototype(
+                    &a_stack,
+                    &b_stack,
+                    inp,
+                    out_features,
+                    total,
+                    unit_start..offset,
+                ),
+            });
+        }
+    }
+    let u = units.len();
+    let dev = Device::Cpu;
+    let scorer = match router {
+        Router::Arrow => Scorer::Arrow {
+            prototypes: Tensor::from_vec(protos, (u, inp), &dev)?,
+        },
+        Router::Learned => learned_scorer(module, u, inp, tensors)?,
+    };
+    Ok(Some(RoutedModule {
+        scorer,
+        a_stack: Tensor::from_vec(a_stack, (inp, total), &dev)?,
+        b_stack: Tensor::from_vec(b_stack, (total, out_features), &dev)?,
+        expand: Tensor::from_vec(expand, (u, total), &dev)?,
+        top_k: (*top_k).min(u),
+        temperature: *temperature,
+        granularity: *granularity,
+        units: units.into_iter().map(|(name, _)| name).collect(),
+    }))
 }
 
 /// The Arrow prototype of a merged unit, from its columns `cols` of the stacks.

@@ -1,0 +1,274 @@
+//! Fitting an ensemble's member weights (the paper's "SGD-weighted ensemble"). The members
+//! are frozen, so each member's outputs on the data are computed once; the weights are then
+//! fitted on those cached outputs, which costs almost nothing per step.
+//!
+//! Probability level: weights `softmax(θ)`, loss `-log Σ_m softmax(θ)_m p_m(y)`.
+//! Logit level: free weights `θ`, loss `-log softmax(Σ_m θ_m z_m)[y]`.
+
+use std::ops::ControlFlow;
+
+use candle_core::{Device, Tensor, Var, D};
+use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
+use moerge_library::{Adapter, TensorMap};
+use moerge_sdk::plan::{EnsembleLevel, Plan};
+use rand::{Rng, SeedableRng};
+
+use crate::error::{EngineError, Result};
+use crate::inference;
+use crate::model::BaseModel;
+use crate::plan_fit::FittedPlan;
+use crate::trainer::{self, Example, StepReport, TrainOptions, TrainSummary};
+
+/// What each member said about one example's completion tokens.
+struct Cached {
+    /// Probability level: `[t, M]` log-probabilities of the targets. Logit level: `[t, M, V]`
+    /// logits.
+    outputs: Tensor,
+    /// `[t]` target ids (logit level).
+    targets: Tensor,
+}
+
+pub(crate) fn fit_ensemble_weights(
+    base: &BaseModel,
+    experts: &[Adapter],
+    template: &Plan,
+    tensors: &TensorMap,
+    data: &[Example],
+    train: &TrainOptions,
+    mut on_step: impl FnMut(&StepReport) -> ControlFlow<()>,
+) -> Result<FittedPlan> {
+    let ensemble = template.ensemble.as_ref().expect("an ensemble template");
+    if data.is_empty() {
+        return Err(EngineError::InvalidArgument {
+            argument: "training",
+            message: "needs data".into(),
+        });
+    }
+    let level = ensemble.level;
+    let members = template
+        .passes()
+        .into_iter()
+        .map(|(_, pass)| base.with_plan(&pass, experts, tensors))
+        .collect::<Result<Vec<_>>>()?;
+    let cached = data
+        .iter()
+        .map(|e| cache_example(&members, e, level))
+        .collect::<Result<Vec<_>>>()?;
+    let start: Vec<f32> = ensemble
+        .members
+        .iter()
+        .map(|m| match level {
+            EnsembleLevel::Probability => (m.weight.max(1e-6)).ln() as f32,
+            EnsembleLevel::Logit => m.weight as f32,
+        })
+        .collect();
+    let theta = Var::from_vec(start, members.len(), &Device::Cpu)?;
+    let mut optimizer = AdamW::new(
+        vec![theta.clone()],
+        ParamsAdamW {
+            lr: train.lr,
+            weight_decay: 0.0,
+            ..Default::default()
+        },
+    )?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(train.seed);
+    let mut losses = Vec::new();
+    for step in 0..train.steps {
+        let batch: Vec<&Cached> = (0..train.batch_size.max(1))
+            .map(|_| &cached[rng.random_range(0..cached.len())])
+            .collect();
+        let loss = batch_loss(&theta, &batch, level)?;
+        let grads = loss.backward()?;
+        let lr = trainer::learning_rate(train, step);
+        optimizer.set_learning_rate(lr);
+        optimizer.step(&grads)?;
+        let loss = loss.to_scalar::<f32>()?;
+        losses.push(loss);
+        let report = StepReport {
+            step: step + 1,
+            steps: train.steps,
+            loss,
+            lr,
+        };
+        if on_step(&report).is_break() {
+            break;
+        }
+    }
+    let weights: Vec<f64> = match level {
+        EnsembleLevel::Probability => candle_nn::ops::softmax(theta.as_tensor(), 0)?,
+        EnsembleLevel::Logit => theta.as_tensor().clone(),
+    }
+    .to_vec1::<f32>()?
+    .into_iter()
+    .map(f64::from)
+    .collect();
+    let mut plan = template.clone();
+    let e = plan.ensemble.as_mut().expect("an ensemble template");
+    for (m, w) in e.members.iter_mut().zip(&weights) {
+        m.weight = *w;
+    }
+    if level == EnsembleLevel::Probability {
+        // Renormalise in f64 so the plan validates exactly.
+        let total: f64 = e.members.iter().map(|m| m.weight).sum();
+        e.members.iter_mut().for_each(|m| m.weight /= total);
+    }
+    let tail = &losses[losses.len().saturating_sub(10)..];
+    Ok(FittedPlan {
+        plan,
+        tensors: tensors.clone(),
+        summary: TrainSummary {
+            steps: losses.len(),
+            first_loss: losses.first().copied().unwrap_or(f32::NAN),
+            final_loss: tail.iter().sum::<f32>() / tail.len().max(1) as f32,
+        },
+    })
+}
+
+fn cache_example(members: &[BaseModel], e: &Example, level: EnsembleLevel) -> Result<Cached> {
+    let ids: Vec<u32> = e.prompt.iter().chain(&e.completion).copied().collect();
+    let first = e.prompt.len() - 1;
+    let t = e.completion.len();
+    let targets = Tensor::new(e.completion.as_slice(), &Device::Cpu)?;
+    let per_member = members
+        .iter()
+        .map(|m| {
+            let logits = inference::logits(m, &ids)?.narrow(0, first, t)?; // [t, V]
+            Ok(match level {
+                EnsembleLevel::Probability => candle_nn::ops::log_softmax(&logits, D::Minus1)?
+                    .gather(&targets.unsqueeze(1)?, 1)?, // [t, 1]
+                EnsembleLevel::Logit => logits.unsqueeze(1)?, // [t, 1, V]
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Cached {
+        outputs: Tensor::cat(&per_member, 1)?,
+        targets,
+    })
+}
+
+fn batch_loss(theta: &Var, batch: &[&Cached], level: EnsembleLevel) -> Result<Tensor> {
+    let mut total = Vec::with_capacity(batch.len());
+    let mut count = 0usize;
+    for c in batch {
+        let nll = match level {
+            EnsembleLevel::Probability => {
+                let log_w = candle_nn::ops::log_softmax(theta.as_tensor(), 0)?;
+                let x = c.outputs.broadcast_add(&log_w)?; // [t, M]
+                let max = x.max_keepdim(1)?.detach();
+                let lse = (x.broadcast_sub(&max)?.exp()?.sum_keepdim(1)?.log()? + max)?;
+                lse.neg()?.squeeze(1)?
+            }
+            EnsembleLevel::Logit => {
+                let (t, m, v) = c.outputs.dims3()?;
+                let mixed = theta
+                    .as_tensor()
+                    .reshape((1, 1, m))?
+                    .broadcast_as((t, 1, m))?
+                    .matmul(&c.outputs)?
+                    .reshape((t, v))?;
+                candle_nn::ops::log_softmax(&mixed, D::Minus1)?
+                    .gather(&c.targets.unsqueeze(1)?, 1)?
+                    .squeeze(1)?
+                    .neg()?
+            }
+        };
+        count += nll.dim(0)?;
+        total.push(nll.sum_all()?);
+    }
+    Ok((Tensor::stack(&total, 0)?.sum_all()? / count as f64)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use moerge_sdk::plan::{Ensemble, Member, MergeSpace, ModulePlan};
+
+    use super::*;
+    use crate::plan_fit::tests::{plan_of, setup};
+
+    fn ensemble(experts: &[Adapter], weights: &[f64], level: EnsembleLevel) -> Plan {
+        let mut plan = plan_of(experts, ModulePlan::None);
+        plan.ensemble = Some(Ensemble {
+            level,
+            members: (0..weights.len())
+                .map(|i| Member {
+                    weight: weights[i],
+                    default: ModulePlan::Static {
+                        weights: (0..weights.len())
+                            .map(|j| f64::from(u8::from(i == j)))
+                            .collect(),
+                        space: MergeSpace::Exact,
+                        svd_rank: None,
+                    },
+                    modules: Default::default(),
+                })
+                .collect(),
+        });
+        plan
+    }
+
+    fn serving_loss(base: &BaseModel, experts: &[Adapter], plan: &Plan, data: &[Example]) -> f32 {
+        let model = base.fuse(plan, experts).unwrap();
+        let refs: Vec<&Example> = data.iter().collect();
+        trainer::batch_loss(&model, &refs)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    #[test]
+    fn cached_member_outputs_give_the_served_ensembles_loss_and_fitting_lowers_it() {
+        let (base, experts, data) = setup();
+        for level in [EnsembleLevel::Probability, EnsembleLevel::Logit] {
+            let weights = [0.5, 0.3, 0.2];
+            let template = ensemble(&experts, &weights, level);
+            let members = template
+                .passes()
+                .into_iter()
+                .map(|(_, p)| base.with_plan(&p, &experts, &TensorMap::new()).unwrap())
+                .collect::<Vec<_>>();
+            let cached: Vec<Cached> = data
+                .iter()
+                .map(|e| cache_example(&members, e, level).unwrap())
+                .collect();
+            let start: Vec<f32> = weights
+                .iter()
+                .map(|&w| match level {
+                    EnsembleLevel::Probability => (w as f32).ln(),
+                    EnsembleLevel::Logit => w as f32,
+                })
+                .collect();
+            let theta = Var::from_vec(start, 3, &Device::Cpu).unwrap();
+            let refs: Vec<&Cached> = cached.iter().collect();
+            let cached_loss: f32 = batch_loss(&theta, &refs, level)
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            let served = serving_loss(&base, &experts, &template, &data);
+            assert!(
+                (cached_loss - served).abs() < 1e-4,
+                "{level:?}: {cached_loss} vs {served}"
+            );
+
+            let train = TrainOptions {
+                steps: 40,
+                batch_size: 4,
+                lr: 0.1,
+                warmup_steps: 1,
+                ..Default::default()
+            };
+            let fitted = fit_ensemble_weights(
+                &base,
+                &experts,
+                &template,
+                &TensorMap::new(),
+                &data,
+                &train,
+                |_| ControlFlow::Continue(()),
+            )
+            .unwrap();
+            fitted.plan.validate().unwrap();
+            let after = serving_loss(&base, &experts, &fitted.plan, &data);
+            assert!(after < served - 1e-3, "{level:?}: {served} -> {after}");
+        }
+    }
+}
