@@ -33,8 +33,29 @@ pub enum Command {
     /// Write fusion plans (reviewable JSON recipes) from a library of experts.
     #[command(subcommand)]
     Plan(PlanCommand),
-    /// Export a static-merge plan as one PEFT adapter folder.
+    /// Show which experts a routed plan gives each token of PROMPT, per layer.
+    Explain(ExplainArgs),
+    /// Export a plan for PEFT: a static merge as one adapter folder, an Arrow plan as its
+    /// adapter list and ArrowConfig values.
     Export(ExportArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ExplainArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The text whose tokens are routed.
+    #[arg(long)]
+    pub prompt: String,
+    /// Only this module (e.g. model.layers.0.mlp.fc1) instead of per-layer averages.
+    #[arg(long)]
+    pub module: Option<String>,
+    /// Experts shown per token and layer.
+    #[arg(long, default_value_t = 2)]
+    pub top: usize,
+    /// Print every module's weights per token as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -128,10 +149,11 @@ pub struct ExportArgs {
     /// Folder of the plan's experts.
     #[arg(long)]
     pub library: PathBuf,
-    /// The plan (static merges only).
+    /// The plan: static (and fixed) merges, or Arrow routing over experts.
     #[arg(long)]
     pub plan: PathBuf,
-    /// Output adapter folder (must not exist yet).
+    /// Output folder (must not exist yet): a PEFT adapter, or for an Arrow plan
+    /// `arrow_config.json`.
     #[arg(long)]
     pub out: PathBuf,
 }

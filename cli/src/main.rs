@@ -28,6 +28,7 @@ fn main() -> ExitCode {
         args::Command::Plan(args::PlanCommand::Merge(a)) => commands::plan::merge(&a),
         args::Command::Plan(args::PlanCommand::Arrow(a)) => commands::plan::arrow(&a),
         args::Command::Plan(args::PlanCommand::Ensemble(a)) => commands::plan::ensemble(&a),
+        args::Command::Explain(a) => commands::explain::explain(&a),
         args::Command::Export(a) => commands::plan::export(&a),
     };
     match result {

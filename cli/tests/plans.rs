@@ -288,3 +288,107 @@ fn ensemble_plan_equals_peft_reference_mixture() {
     assert_eq!(bad.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("sum to 1.4"));
 }
+
+#[test]
+fn explain_reports_pefts_arrow_routing_and_arrow_plans_export_their_config() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = fixtures().join("dev-phi");
+    let library = base.join("adapters");
+    let plan = tmp.path().join("arrow.json");
+    ok(&[
+        "plan",
+        "arrow",
+        "--library",
+        path(&library),
+        "--experts",
+        "swapcase,rot13,twice,length,minus",
+        "--top-k",
+        "2",
+        "--out",
+        path(&plan),
+    ]);
+    let text = std::fs::read_to_string(base.join("reference/inputs.json")).unwrap();
+    let inputs: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let sequence = inputs["sequences"][0].as_str().unwrap();
+    let explained = json(&[
+        "explain",
+        "--base",
+        path(&base),
+        "--library",
+        path(&library),
+        "--plan",
+        path(&plan),
+        "--prompt",
+        sequence,
+        "--json",
+    ]);
+    let tokens = explained["tokens"].as_array().unwrap().len();
+    let modules = explained["modules"].as_array().unwrap();
+    assert_eq!(modules.len(), 18, "3 layers x 6 routed modules");
+    let reference = base.join("reference/arrow_top2_exactproto_routing.safetensors");
+    for m in modules {
+        let name = m["module"].as_str().unwrap();
+        let got: Vec<f32> = m["weights"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|row| {
+                row.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_f64().unwrap() as f32)
+            })
+            .collect();
+        assert_eq!(got.len(), tokens * 5);
+        let want = f32_tensor(&reference, &format!("{name}.coeff.0"));
+        assert!(
+            max_diff(&got, &want) <= 1e-4,
+            "{name}: {}",
+            max_diff(&got, &want)
+        );
+    }
+    // The table names experts per layer.
+    let table = ok(&[
+        "explain",
+        "--base",
+        path(&base),
+        "--library",
+        path(&library),
+        "--plan",
+        path(&plan),
+        "--prompt",
+        sequence,
+    ]);
+    assert!(
+        table.contains("layer 0") && table.contains("layer 2"),
+        "{table}"
+    );
+
+    let out = tmp.path().join("peft-arrow");
+    ok(&[
+        "export",
+        "--library",
+        path(&library),
+        "--plan",
+        path(&plan),
+        "--out",
+        path(&out),
+    ]);
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("arrow_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["arrow_config"]["top_k"], 2);
+    assert_eq!(config["arrow_config"]["router_temperature"], 1.0);
+    let names: Vec<&str> = config["adapters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["swapcase", "rot13", "twice", "length", "minus"]);
+    assert!(
+        std::path::Path::new(config["adapters"][1]["path"].as_str().unwrap())
+            .join("adapter_config.json")
+            .is_file()
+    );
+}

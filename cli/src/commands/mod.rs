@@ -1,5 +1,6 @@
 //! One module per subcommand family; each returns the process exit code.
 
+pub mod explain;
 pub mod inspect;
 pub mod model;
 pub mod plan;

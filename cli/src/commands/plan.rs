@@ -186,6 +186,25 @@ pub fn merge(args: &PlanMergeArgs) -> Result<ExitCode> {
 
 pub fn export(args: &ExportArgs) -> Result<ExitCode> {
     let inputs = read_with_experts(&args.library, &args.plan)?;
+    if let Some(config) = arrow_export(&inputs, &args.library)? {
+        if args.out.exists() {
+            bail!(
+                "--out {}: already exists; choose a new folder",
+                args.out.display()
+            );
+        }
+        std::fs::create_dir_all(&args.out)
+            .with_context(|| format!("--out {}", args.out.display()))?;
+        let path = args.out.join("arrow_config.json");
+        std::fs::write(&path, serde_json::to_string_pretty(&config)? + "\n")
+            .with_context(|| format!("--out {}", path.display()))?;
+        println!(
+            "wrote {} (Arrow over {} adapters)",
+            path.display(),
+            inputs.experts.len()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
     let hash = moerge_engine::merge::export_peft(
         &inputs.plan,
         &inputs.experts,
@@ -195,4 +214,53 @@ pub fn export(args: &ExportArgs) -> Result<ExitCode> {
     .with_context(|| format!("--out {}", args.out.display()))?;
     println!("wrote {} ({})", args.out.display(), hash.short());
     Ok(ExitCode::SUCCESS)
+}
+
+/// For a plan that routes every module with Arrow per token over single experts (what
+/// PEFT's `create_arrow_model` does), the adapter list and `ArrowConfig` values PEFT needs;
+/// `None` for other plans.
+fn arrow_export(inputs: &PlanInputs, library: &Path) -> Result<Option<serde_json::Value>> {
+    let plan = &inputs.plan;
+    let ModulePlan::Routed {
+        router: Router::Arrow,
+        top_k,
+        temperature,
+        granularity,
+        groups,
+    } = &plan.default
+    else {
+        return Ok(None);
+    };
+    if plan.ensemble.is_some() || !plan.modules.is_empty() {
+        bail!("--plan: PEFT's Arrow routes every adapted module the same way; this plan has per-module overrides, which PEFT cannot express");
+    }
+    if *granularity != Granularity::Token || !groups.is_empty() {
+        bail!("--plan: PEFT's Arrow routes single experts per token; this plan uses sequence routing or groups, which PEFT cannot express");
+    }
+    let base = inputs.experts[0]
+        .config()
+        .base_model_name_or_path
+        .clone()
+        .unwrap_or_default();
+    let adapters: Vec<serde_json::Value> = plan
+        .experts
+        .iter()
+        .map(|e| {
+            let path = std::path::absolute(library.join(&e.name))
+                .unwrap_or_else(|_| library.join(&e.name));
+            serde_json::json!({"name": e.name, "hash": e.hash, "path": path})
+        })
+        .collect();
+    Ok(Some(serde_json::json!({
+        "format": "moerge arrow export 1",
+        "base_model_name_or_path": base,
+        "adapters": adapters,
+        "arrow_config": {
+            "top_k": top_k,
+            "router_temperature": temperature,
+            "use_gks": false,
+            "rng_seed": 0,
+        },
+        "note": "Load each adapter path into a PeftModel under its name, then create_arrow_model(..., arrow_config=ArrowConfig(**arrow_config)). PEFT computes prototypes by power iteration; moerge uses the exact top singular vector, so routing can differ where an adapter's top two singular values are close.",
+    })))
 }

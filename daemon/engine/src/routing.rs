@@ -349,6 +349,33 @@ pub fn trace<T>(f: impl FnOnce() -> T) -> (T, Vec<RoutingRecord>) {
     (out, records)
 }
 
+/// One routed module's decisions over a text, without candle types: what `explain` shows.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ModuleRouting {
+    pub module: String,
+    /// The routed units (expert or group names), in column order.
+    pub units: Vec<String>,
+    /// Per token, per unit: the weight (0 outside the top-k).
+    pub weights: Vec<Vec<f32>>,
+}
+
+/// Runs `model` over `ids` (one sequence) and returns every routed module's weights per
+/// token, in the order the modules ran (empty when the plan routes nothing).
+pub fn explain(model: &impl crate::LanguageModel, ids: &[u32]) -> Result<Vec<ModuleRouting>> {
+    let (logits, records) = trace(|| crate::inference::logits(model, ids));
+    logits?;
+    records
+        .into_iter()
+        .map(|r| {
+            Ok(ModuleRouting {
+                module: r.module,
+                units: r.units,
+                weights: r.weights.to_dtype(DType::F32)?.to_vec2::<f32>()?,
+            })
+        })
+        .collect()
+}
+
 /// Called by routed layers with their weights.
 fn note(module: &str, units: &[String], weights: &Tensor) {
     TRACE.with(|t| {
