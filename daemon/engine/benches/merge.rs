@@ -5,7 +5,8 @@
 //!    LoRA bytes read, next to a plain memory copy of the same bytes in the same run.
 //!    Reference (issue): PEFT 0.21 add_weighted_adapter linear 85 / 83 / 196 ms.
 //! 2. Forward tokens/s of a low-rank merge of 4 (unfolded), a folded merge of 4, Arrow top-2
-//!    of 4 and a 4-way probability ensemble, as ratios to one unmerged adapter, on the tiny
+//!    of 4 and a 4-way probability ensemble (members stacked in one batch, and one by one),
+//!    as ratios to one unmerged adapter, on the tiny
 //!    Phi and tiny Llama (8 x 128 tokens). Reference (issue, PEFT at 8x128 on the tiny Phi):
 //!    Arrow top-2 about 59k tok/s, a 4-way ensemble about 31k tok/s.
 
@@ -231,6 +232,13 @@ fn serving_cost(label: &str, dir: &std::path::Path, targets: &[&str]) {
         (
             "4-way prob ensemble",
             base.fuse(&ensemble_plan(&experts), &experts).unwrap(),
+        ),
+        (
+            "same, one by one",
+            match base.fuse(&ensemble_plan(&experts), &experts).unwrap() {
+                FusedModel::Ensemble(e) => FusedModel::Ensemble(e.sequential()),
+                single => single,
+            },
         ),
     ];
     let ids: Vec<u32> = (0..8 * 128).map(|i| (i * 7 % 251) as u32).collect();

@@ -19,6 +19,9 @@ enum LoraPath {
     Routed(Box<crate::routing::RoutedModule>),
     /// Fitting a plan: merge weights, group weights or router matrices are variables.
     Fitting(Box<crate::plan_fit::FitModule>),
+    /// A stacked ensemble: the batch holds one block of rows per member (in member order) and
+    /// each block gets its member's update; the base matmul runs once for all of them.
+    Members(Vec<Option<LoraPath>>),
     /// Training: the factors are variables the optimiser updates in place, so every forward
     /// reads them afresh (a prepared copy would go stale after the first step).
     Trainable { a: Var, b: Var, scale: f64 },
@@ -131,6 +134,16 @@ impl AdapterLinear {
         self.lora = Some(LoraPath::Fitting(Box::new(module)));
     }
 
+    /// Serves a stacked ensemble: this layer of every member, whose base weights must be this
+    /// layer's (no folded merges), gives its update to its block of rows.
+    pub(crate) fn set_members(&mut self, members: &[&AdapterLinear]) {
+        let paths: Vec<Option<LoraPath>> = members.iter().map(|m| m.lora.clone()).collect();
+        self.lora = paths
+            .iter()
+            .any(Option::is_some)
+            .then_some(LoraPath::Members(paths));
+    }
+
     /// Adds `delta` `[out, in]` into the base weight itself (a folded merge): the layer then
     /// serves the merged model at exactly the cost of the base.
     pub(crate) fn fold_into_weight(&mut self, delta: &Tensor) -> Result<()> {
@@ -166,30 +179,73 @@ impl Module for AdapterLinear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (x2, lead) = flatten(x)?;
         let mut y = self.base_2d(&x2)?;
-        match &self.lora {
-            Some(LoraPath::Frozen { a_t, scaled_b_t }) => {
-                y = (y + x2.matmul(a_t)?.matmul(scaled_b_t)?)?;
-            }
-            Some(LoraPath::Routed(r)) => {
-                let delta = r
-                    .delta(&self.name, &x2, &lead)
-                    .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        if let Some(path) = &self.lora {
+            if let Some(delta) = lora_delta(path, &self.name, self.shape().0, &x2, &lead)? {
                 y = (y + delta)?;
             }
-            Some(LoraPath::Fitting(m)) => {
-                let delta = m
-                    .delta(&x2, &lead)
-                    .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-                y = (y + delta)?;
-            }
-            Some(LoraPath::Trainable { a, b, scale }) => {
-                let delta = (x2.matmul(&a.t()?)?.matmul(&b.t()?)? * *scale)?;
-                y = (y + delta)?;
-            }
-            None => {}
         }
         unflatten(y, &lead)
     }
+}
+
+fn engine_error(e: crate::EngineError) -> candle_core::Error {
+    candle_core::Error::Msg(e.to_string())
+}
+
+/// The low-rank update of `path` for inputs `x2` `[n, in]` (leading dims `lead`).
+fn lora_delta(
+    path: &LoraPath,
+    name: &str,
+    out: usize,
+    x2: &Tensor,
+    lead: &[usize],
+) -> candle_core::Result<Option<Tensor>> {
+    Ok(Some(match path {
+        LoraPath::Frozen { a_t, scaled_b_t } => x2.matmul(a_t)?.matmul(scaled_b_t)?,
+        LoraPath::Routed(r) => r.delta(name, x2, lead).map_err(engine_error)?,
+        LoraPath::Fitting(m) => m.delta(x2, lead).map_err(engine_error)?,
+        LoraPath::Trainable { a, b, scale } => (x2.matmul(&a.t()?)?.matmul(&b.t()?)? * *scale)?,
+        LoraPath::Members(paths) => return members_delta(paths, name, out, x2, lead),
+    }))
+}
+
+/// Each member's update on its own block of rows, stacked back in order.
+fn members_delta(
+    paths: &[Option<LoraPath>],
+    name: &str,
+    out: usize,
+    x2: &Tensor,
+    lead: &[usize],
+) -> candle_core::Result<Option<Tensor>> {
+    let (first, count) = crate::fused::member_part().unwrap_or((0, paths.len()));
+    let rows = lead.first().copied().unwrap_or(1);
+    let block = rows / count.max(1);
+    let per_row = x2.dim(0)? / rows.max(1);
+    let mut block_lead = lead.to_vec();
+    if let Some(r) = block_lead.first_mut() {
+        *r = block;
+    }
+    let mut parts = Vec::with_capacity(count);
+    for j in 0..count {
+        let xj = x2.narrow(0, j * block * per_row, block * per_row)?;
+        let delta = match &paths[first + j] {
+            // Members keep apart the routing state and traces of the same module.
+            Some(path) => lora_delta(
+                path,
+                &format!("{name}#{}", first + j),
+                out,
+                &xj,
+                &block_lead,
+            )?,
+            None => None,
+        };
+        let delta = match delta {
+            Some(d) => d,
+            None => Tensor::zeros((block * per_row, out), x2.dtype(), x2.device())?,
+        };
+        parts.push(delta);
+    }
+    Ok(Some(Tensor::cat(&parts, 0)?))
 }
 
 /// `[..., in]` → `[n, in]` plus the leading dims, so every matmul is one 2-D gemm.

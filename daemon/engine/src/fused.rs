@@ -43,6 +43,33 @@ impl LanguageModel for BaseModel {
 pub struct EnsembleModel {
     members: Vec<(f64, BaseModel)>,
     level: EnsembleLevel,
+    /// The members as one model over a batch of one block of rows per member, so every
+    /// base weight is read once per step for all of them; `None` when a member changes the
+    /// base weights themselves (a folded merge), which cannot share them.
+    stacked: Option<BaseModel>,
+}
+
+thread_local! {
+    /// While a stacked ensemble runs a part of its batch on this thread: its first member
+    /// and how many members (row blocks) the part holds.
+    static MEMBER_PART: std::cell::Cell<Option<(usize, usize)>> = const { std::cell::Cell::new(None) };
+}
+
+/// The member blocks of the stacked forward running on this thread, if any.
+pub(crate) fn member_part() -> Option<(usize, usize)> {
+    MEMBER_PART.with(std::cell::Cell::get)
+}
+
+/// One model whose every adapted layer serves each member's update on that member's rows.
+fn stack_members(members: &[(f64, BaseModel)]) -> BaseModel {
+    let mut stacked = members[0].1.clone();
+    let layers: Vec<Vec<&crate::AdapterLinear>> =
+        members.iter().map(|(_, m)| m.linears()).collect();
+    for (i, layer) in stacked.linears_mut().into_iter().enumerate() {
+        let same: Vec<&crate::AdapterLinear> = layers.iter().map(|l| l[i]).collect();
+        layer.set_members(&same);
+    }
+    stacked
 }
 
 impl EnsembleModel {
@@ -78,8 +105,53 @@ impl EnsembleModel {
     }
 }
 
+impl EnsembleModel {
+    /// The same ensemble running its members one after another (each reads the base
+    /// weights itself): the baseline the stacked form is measured and checked against.
+    pub fn sequential(&self) -> EnsembleModel {
+        EnsembleModel {
+            stacked: None,
+            ..self.clone()
+        }
+    }
+
+    /// Whether the members run as one stacked batch.
+    pub fn is_stacked(&self) -> bool {
+        self.stacked.is_some()
+    }
+
+    /// Runs the stacked members on `ids` repeated once per member, then splits the output
+    /// back into one tensor per member.
+    fn stacked_outputs(
+        &self,
+        stacked: &BaseModel,
+        ids: &Tensor,
+        cache: &mut KvCache,
+        last_only: bool,
+    ) -> Result<Vec<Tensor>> {
+        let m = self.members.len();
+        let b = ids.dim(0)?;
+        let repeated = Tensor::cat(&vec![ids; m], 0)?;
+        let out = crate::threads::split_blocks(m, &repeated, cache, |ids, cache, first, count| {
+            MEMBER_PART.with(|p| p.set(Some((first, count))));
+            let out = if last_only {
+                stacked.forward_last_rows(ids, cache)
+            } else {
+                stacked.forward_rows(ids, cache)
+            };
+            MEMBER_PART.with(|p| p.set(None));
+            out
+        })?;
+        (0..m).map(|i| Ok(out.narrow(0, i * b, b)?)).collect()
+    }
+}
+
 impl LanguageModel for EnsembleModel {
     fn forward(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        if let Some(stacked) = &self.stacked {
+            let outputs = self.stacked_outputs(stacked, ids, cache, false)?;
+            return self.combine(outputs);
+        }
         let outputs = self
             .members
             .iter()
@@ -89,6 +161,10 @@ impl LanguageModel for EnsembleModel {
         self.combine(outputs)
     }
     fn forward_last(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        if let Some(stacked) = &self.stacked {
+            let outputs = self.stacked_outputs(stacked, ids, cache, true)?;
+            return self.combine(outputs);
+        }
         let outputs = self
             .members
             .iter()
@@ -174,6 +250,25 @@ impl BaseModel {
             .map(|(w, pass)| Ok((w, self.with_plan(&pass, experts, tensors)?)))
             .collect::<Result<Vec<_>>>()?;
         let level = plan.ensemble.as_ref().map(|e| e.level).unwrap_or_default();
-        Ok(FusedModel::Ensemble(EnsembleModel { members, level }))
+        let folds = |p: &moerge_sdk::plan::ModulePlan| {
+            matches!(
+                p,
+                moerge_sdk::plan::ModulePlan::Static {
+                    space: moerge_sdk::plan::MergeSpace::Folded,
+                    ..
+                }
+            )
+        };
+        let any_fold = plan
+            .ensemble
+            .iter()
+            .flat_map(|e| &e.members)
+            .any(|m| folds(&m.default) || m.modules.values().any(folds));
+        let stacked = (!any_fold).then(|| stack_members(&members));
+        Ok(FusedModel::Ensemble(EnsembleModel {
+            members,
+            level,
+            stacked,
+        }))
     }
 }

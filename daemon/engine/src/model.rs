@@ -160,21 +160,27 @@ impl BaseModel {
 
     /// Logits `[b, t, vocab]` (f32) for token ids `[b, t]` continuing `cache`.
     pub fn forward(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        threads::split_batch(ids, cache, |ids, cache| {
-            let hidden = self.forward_hidden(ids, cache)?;
-            Ok(self.lm_head().forward(&hidden)?.to_dtype(DType::F32)?)
-        })
+        threads::split_batch(ids, cache, |ids, cache| self.forward_rows(ids, cache))
     }
 
     /// Logits of the last position only, `[b, vocab]` (f32): what generation needs, without
     /// projecting every prompt position onto the vocabulary.
     pub fn forward_last(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        threads::split_batch(ids, cache, |ids, cache| {
-            let hidden = self.forward_hidden(ids, cache)?;
-            let t = hidden.dim(1)?;
-            let last = hidden.narrow(1, t - 1, 1)?.squeeze(1)?;
-            Ok(self.lm_head().forward(&last)?.to_dtype(DType::F32)?)
-        })
+        threads::split_batch(ids, cache, |ids, cache| self.forward_last_rows(ids, cache))
+    }
+
+    /// [`BaseModel::forward`] on the calling thread only (the caller splits the batch).
+    pub(crate) fn forward_rows(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let hidden = self.forward_hidden(ids, cache)?;
+        Ok(self.lm_head().forward(&hidden)?.to_dtype(DType::F32)?)
+    }
+
+    /// [`BaseModel::forward_last`] on the calling thread only.
+    pub(crate) fn forward_last_rows(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let hidden = self.forward_hidden(ids, cache)?;
+        let t = hidden.dim(1)?;
+        let last = hidden.narrow(1, t - 1, 1)?.squeeze(1)?;
+        Ok(self.lm_head().forward(&last)?.to_dtype(DType::F32)?)
     }
 
     fn forward_hidden(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
@@ -208,7 +214,7 @@ impl BaseModel {
         self.linears().into_iter().find(|l| l.name() == module)
     }
 
-    fn linears(&self) -> Vec<&AdapterLinear> {
+    pub(crate) fn linears(&self) -> Vec<&AdapterLinear> {
         match &self.family {
             Family::Phi(m) => m.linears(),
             Family::Llama(m) => m.linears(),

@@ -43,28 +43,69 @@ where
     split_batch_over(data_parallel_threads(ids.dim(0)?), ids, cache, f)
 }
 
+/// Splits `n` items into `parts` near-equal counts.
+fn shares(n: usize, parts: usize) -> Vec<usize> {
+    (0..parts)
+        .map(|i| n / parts + usize::from(i < n % parts))
+        .collect()
+}
+
 fn split_batch_over<F>(threads: usize, ids: &Tensor, cache: &mut KvCache, f: F) -> Result<Tensor>
 where
     F: Fn(&Tensor, &mut KvCache) -> Result<Tensor> + Sync,
 {
-    let rows = ids.dim(0)?;
-    if threads <= 1 {
-        return f(ids, cache);
-    }
-    let sizes: Vec<usize> = (0..threads)
-        .map(|i| rows / threads + usize::from(i < rows % threads))
+    let sizes = shares(ids.dim(0)?, threads.max(1));
+    run_parts(&sizes, ids, cache, |ids, cache, _| f(ids, cache))
+}
+
+/// For a batch made of `blocks` equal blocks of rows (an ensemble's members): runs `f` on
+/// whole blocks in parallel, telling it the first block and how many it has.
+pub(crate) fn split_blocks<F>(
+    blocks: usize,
+    ids: &Tensor,
+    cache: &mut KvCache,
+    f: F,
+) -> Result<Tensor>
+where
+    F: Fn(&Tensor, &mut KvCache, usize, usize) -> Result<Tensor> + Sync,
+{
+    let block = ids.dim(0)? / blocks.max(1);
+    let counts = shares(blocks, data_parallel_threads(blocks).max(1));
+    let sizes: Vec<usize> = counts.iter().map(|c| c * block).collect();
+    let firsts: Vec<usize> = counts
+        .iter()
+        .scan(0, |start, c| {
+            let first = *start;
+            *start += c;
+            Some(first)
+        })
         .collect();
-    let mut parts = cache.split_batch(&sizes)?;
+    run_parts(&sizes, ids, cache, |ids, cache, part| {
+        f(ids, cache, firsts[part], counts[part])
+    })
+}
+
+/// Runs `f` on consecutive parts of `sizes` rows on scoped threads (or directly when there is
+/// one part), and joins outputs and caches along the batch.
+fn run_parts<F>(sizes: &[usize], ids: &Tensor, cache: &mut KvCache, f: F) -> Result<Tensor>
+where
+    F: Fn(&Tensor, &mut KvCache, usize) -> Result<Tensor> + Sync,
+{
+    if sizes.len() <= 1 {
+        return f(ids, cache, 0);
+    }
+    let mut parts = cache.split_batch(sizes)?;
     let outputs: Vec<Result<Tensor>> = std::thread::scope(|scope| {
         let mut start = 0;
         let handles: Vec<_> = sizes
             .iter()
             .zip(parts.iter_mut())
-            .map(|(&n, part)| {
+            .enumerate()
+            .map(|(i, (&n, part))| {
                 let ids = ids.narrow(0, start, n);
                 start += n;
                 let f = &f;
-                scope.spawn(move || f(&ids?, part))
+                scope.spawn(move || f(&ids?, part, i))
             })
             .collect();
         handles

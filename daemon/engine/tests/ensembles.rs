@@ -130,3 +130,64 @@ fn weighted_ensembles_equal_members_run_one_at_a_time() {
     assert_eq!(cache.len(), ids.len());
     assert!(max_abs_diff(&Tensor::cat(&[a, b], 0).unwrap(), &want) < 1e-4);
 }
+
+#[test]
+fn stacked_members_equal_members_run_one_after_another() {
+    let experts: Vec<Adapter> = NAMES
+        .iter()
+        .map(|n| Adapter::load(&fixtures().join("dev-phi/adapters").join(n)).unwrap())
+        .collect();
+    let base = BaseModel::load_dir(&fixtures().join("dev-phi"), Precision::F32).unwrap();
+    let mut plan = ensemble_plan(
+        &experts,
+        &[0.3, 0.2, 0.1, 0.15, 0.25],
+        EnsembleLevel::Probability,
+    );
+    // One member routes by sequence (its running sums must stay its own), one is the base.
+    let members = &mut plan.ensemble.as_mut().unwrap().members;
+    members[1].default = moerge_sdk::plan::ModulePlan::Routed {
+        router: moerge_sdk::plan::Router::Arrow,
+        top_k: 2,
+        temperature: 1.0,
+        granularity: moerge_sdk::plan::Granularity::Sequence,
+        groups: Vec::new(),
+    };
+    members[3].default = ModulePlan::None;
+    let FusedModel::Ensemble(stacked) = base.fuse(&plan, &experts).unwrap() else {
+        panic!("an ensemble")
+    };
+    assert!(stacked.is_stacked());
+    let sequential = stacked.sequential();
+    // A batch of two sequences, then one decoding step with the cache.
+    let ids = Tensor::new(&[[72u32, 101, 76, 76], [5, 99, 31, 200]], &Device::Cpu).unwrap();
+    let next = Tensor::new(&[[111u32], [62]], &Device::Cpu).unwrap();
+    let run = |m: &moerge_engine::EnsembleModel| {
+        let mut cache = moerge_engine::KvCache::new();
+        let a = m.forward(&ids, &mut cache).unwrap();
+        let b = m.forward_last(&next, &mut cache).unwrap();
+        (a, b)
+    };
+    let (sa, sb) = run(&stacked);
+    let (qa, qb) = run(&sequential);
+    assert!(
+        max_abs_diff(&sa, &qa) < 1e-4,
+        "prompt: {}",
+        max_abs_diff(&sa, &qa)
+    );
+    assert!(
+        max_abs_diff(&sb, &qb) < 1e-4,
+        "step: {}",
+        max_abs_diff(&sb, &qb)
+    );
+    // A folded member changes the base weights: that ensemble runs its members one by one.
+    let members = &mut plan.ensemble.as_mut().unwrap().members;
+    members[0].default = ModulePlan::Static {
+        weights: vec![1.0, 0.0, 0.0, 0.0, 0.0],
+        space: MergeSpace::Folded,
+        svd_rank: None,
+    };
+    let FusedModel::Ensemble(folded) = base.fuse(&plan, &experts).unwrap() else {
+        panic!("an ensemble")
+    };
+    assert!(!folded.is_stacked());
+}
