@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::optimize::OptimizeOptions;
 use crate::params::{ParamError, ParamSpec, Params};
-use crate::plan::{ExpertRef, Plan};
+use crate::plan::{ExpertRef, ModulePlan, Plan, PLAN_VERSION};
 
 /// A fusion policy: declares its parameters and turns experts (and optional data) into a plan.
 pub trait Policy: Send + Sync {
@@ -208,6 +208,18 @@ impl<'a> FitContext<'a> {
     /// The plan's expert list for all experts, in order.
     pub fn expert_refs(&self) -> Vec<ExpertRef> {
         self.inputs.experts.iter().map(ExpertView::to_ref).collect()
+    }
+
+    /// A single-pass plan over all experts, in order, with `default` for every module.
+    pub fn plan(&self, default: ModulePlan) -> Plan {
+        Plan {
+            version: PLAN_VERSION,
+            experts: self.expert_refs(),
+            default,
+            modules: BTreeMap::new(),
+            ensemble: None,
+            tensors: None,
+        }
     }
 
     /// The module paths any expert adapts, sorted.
