@@ -9,10 +9,18 @@
 //! assert_eq!(options.steps, 100);
 //! assert!(options.train_routers && !options.train_merge_weights);
 //! assert_eq!(options.router_init, RouterInit::Arrow);
+//!
+//! // A policy exposes the optimiser settings as parameters and reads them back:
+//! use moerge_sdk::params::Params;
+//! let specs = OptimizeOptions::param_specs();
+//! let params = Params::parse(&specs, &[("steps".into(), "20".into())]).unwrap();
+//! let options = OptimizeOptions::from_params(&params).unwrap();
+//! assert_eq!((options.steps, options.learning_rate), (20, 0.05));
 //! ```
 
 use serde::{Deserialize, Serialize};
 
+use crate::params::{ParamError, ParamSpec, Params};
 use crate::policy::Split;
 
 /// Options of `FitContext::optimize`. Unset fields take their defaults; nothing is trained
@@ -66,6 +74,43 @@ impl Default for OptimizeOptions {
 }
 
 impl OptimizeOptions {
+    /// The optimiser parameters a training policy usually exposes: `steps`, `learning_rate`,
+    /// `batch_size`, `seed` (defaults as [`OptimizeOptions::default`]). Read them back with
+    /// [`OptimizeOptions::from_params`].
+    pub fn param_specs() -> Vec<ParamSpec> {
+        let d = OptimizeOptions::default();
+        vec![
+            ParamSpec::int("steps", d.steps as i64, "optimiser steps").min(1.0),
+            ParamSpec::float("learning_rate", d.learning_rate, "Adam's learning rate").min(0.0),
+            ParamSpec::int("batch_size", d.batch_size as i64, "records per step").min(1.0),
+            ParamSpec::int(
+                "seed",
+                d.seed as i64,
+                "seed of batch order and initialisation",
+            )
+            .min(0.0),
+        ]
+    }
+
+    /// Options with the optimiser settings of [`OptimizeOptions::param_specs`] taken from
+    /// `params` (those it lacks keep their defaults) and nothing trainable yet.
+    pub fn from_params(params: &Params) -> Result<OptimizeOptions, ParamError> {
+        let mut o = OptimizeOptions::default();
+        if let Some(v) = params.opt_int("steps")? {
+            o.steps = v as usize;
+        }
+        if let Some(v) = params.opt_float("learning_rate")? {
+            o.learning_rate = v;
+        }
+        if let Some(v) = params.opt_int("batch_size")? {
+            o.batch_size = v as usize;
+        }
+        if let Some(v) = params.opt_int("seed")? {
+            o.seed = v as u64;
+        }
+        Ok(o)
+    }
+
     /// Whether any part is trainable.
     pub fn trains_anything(&self) -> bool {
         self.train_merge_weights

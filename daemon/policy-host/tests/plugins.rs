@@ -104,6 +104,21 @@ fn built_ins_are_discovered_in_the_executables_folder() {
         filter: FileFilter::BuiltinNames,
     };
     let registry = PolicyRegistry::discover(&[folder]);
+    let names = [
+        "uniform-merge",
+        "learned-merge",
+        "ensemble",
+        "arrow",
+        "sgd-router",
+        "hierarchical",
+    ];
+    for name in names {
+        let policy = registry
+            .get(name)
+            .unwrap_or_else(|| panic!("{name} not found"));
+        let file = format!("libmoerge_policy_{}.so", name.replace('-', "_"));
+        assert_eq!(policy.path().file_name().unwrap().to_str(), Some(&*file));
+    }
     let uniform = registry.get("uniform-merge").expect("uniform-merge found");
     assert_eq!(uniform.sdk_version(), env!("CARGO_PKG_VERSION"));
     assert_eq!(uniform.path(), library("moerge_policy_uniform_merge"));
