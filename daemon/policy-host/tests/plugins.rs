@@ -10,7 +10,7 @@ use moerge_policy_host::{
     load_policy, ExpertInput, FileFilter, FitError, FitRequest, LoadError, PolicyFolder,
     PolicyRegistry,
 };
-use moerge_sdk::plan::ModulePlan;
+use moerge_sdk::plan::{fixed_a_name, fixed_b_name, ModulePlan};
 use moerge_sdk::testing::TestServices;
 
 /// The folder cargo built the plugin libraries into.
@@ -249,4 +249,27 @@ fn the_first_policy_of_a_name_wins() {
         msg.contains(&format!("already loaded from {}", kept.display())),
         "{msg}"
     );
+}
+
+#[test]
+fn the_third_party_ties_merge_plugin_runs_through_the_host() {
+    let tmp = tempfile::tempdir().unwrap();
+    copy(
+        &library("ties_merge"),
+        tmp.path(),
+        "libties_merge.so",
+        0o644,
+    );
+    let registry = PolicyRegistry::discover(&[PolicyFolder::new(tmp.path())]);
+    let ties = registry.get("ties-merge").expect("ties-merge loads");
+    assert!(ties.parameters().iter().any(|p| p.name == "density"));
+    let fitted = fit("ties_merge", &[("density", "0.5"), ("rank", "2")]).unwrap();
+    for module in [
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.1.self_attn.q_proj",
+    ] {
+        assert_eq!(fitted.plan.module(module), &ModulePlan::Fixed);
+        assert_eq!(fitted.tensors[&fixed_a_name(module)].shape, [2, 4]);
+        assert_eq!(fitted.tensors[&fixed_b_name(module)].shape, [3, 2]);
+    }
 }
