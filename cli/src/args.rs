@@ -33,11 +33,67 @@ pub enum Command {
     /// Write fusion plans (reviewable JSON recipes) from a library of experts.
     #[command(subcommand)]
     Plan(PlanCommand),
+    /// List the fusion-policy plugins found, with their versions and parameters.
+    Policies(PoliciesArgs),
+    /// Run a fusion policy on a library folder and write the plan it makes.
+    Fit(FitArgs),
     /// Show which experts a routed plan gives each token of PROMPT, per layer.
     Explain(ExplainArgs),
     /// Export a plan for PEFT: a static merge as one adapter folder, an Arrow plan as its
     /// adapter list and ArrowConfig values.
     Export(ExportArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PoliciesCommand {
+    /// One policy's parameters, with their types, defaults and meaning.
+    Show { name: String },
+}
+
+#[derive(Debug, Args)]
+pub struct PoliciesArgs {
+    #[command(subcommand)]
+    pub command: Option<PoliciesCommand>,
+    /// Also look for plugins in this folder (repeatable).
+    #[arg(long = "policy-dir")]
+    pub policy_dir: Vec<PathBuf>,
+    /// Print JSON instead of a list.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct FitArgs {
+    /// The policy's name (see `moerge policies`).
+    #[arg(long)]
+    pub policy: String,
+    /// Base model folder or hub id.
+    #[arg(long)]
+    pub base: String,
+    /// Folder of adapter folders (the experts).
+    #[arg(long)]
+    pub library: PathBuf,
+    /// Only these experts, comma-separated; default every adapter folder in --library.
+    #[arg(long, value_delimiter = ',')]
+    pub experts: Option<Vec<String>>,
+    /// JSONL records the policy may train on.
+    #[arg(long)]
+    pub train: Option<PathBuf>,
+    /// JSONL records the policy may validate on (and the validation loss reported).
+    #[arg(long)]
+    pub valid: Option<PathBuf>,
+    /// A policy parameter, KEY=VALUE (repeatable).
+    #[arg(long)]
+    pub param: Vec<String>,
+    /// Where to write the plan; its tensor file, if any, goes next to it.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Also look for plugins in this folder (repeatable).
+    #[arg(long = "policy-dir")]
+    pub policy_dir: Vec<PathBuf>,
+    /// Print a JSON report instead of text (and no progress bar).
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

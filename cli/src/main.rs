@@ -28,6 +28,8 @@ fn main() -> ExitCode {
         args::Command::Plan(args::PlanCommand::Merge(a)) => commands::plan::merge(&a),
         args::Command::Plan(args::PlanCommand::Arrow(a)) => commands::plan::arrow(&a),
         args::Command::Plan(args::PlanCommand::Ensemble(a)) => commands::plan::ensemble(&a),
+        args::Command::Policies(a) => commands::policies::list(&a),
+        args::Command::Fit(a) => commands::policies::fit(&a),
         args::Command::Explain(a) => commands::explain::explain(&a),
         args::Command::Export(a) => commands::plan::export(&a),
     };

@@ -4,4 +4,5 @@ pub mod explain;
 pub mod inspect;
 pub mod model;
 pub mod plan;
+pub mod policies;
 pub mod train;

@@ -34,6 +34,7 @@ mod model;
 mod phi;
 pub mod plan_fit;
 pub mod routing;
+pub mod services;
 mod threads;
 mod tokenizer;
 mod trainable;

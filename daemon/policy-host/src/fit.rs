@@ -31,8 +31,9 @@ pub struct FitRequest<'a> {
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[non_exhaustive]
 pub enum FitError {
-    #[error("policy {policy}: {source}; see `moerge policies show {policy}`")]
-    Params { policy: String, source: ParamError },
+    // Not a `source`: the message already carries it, and error chains would repeat it.
+    #[error("policy {policy}: {problem}; see `moerge policies show {policy}`")]
+    Params { policy: String, problem: ParamError },
     #[error("policy {policy}: needs at least one expert")]
     NoExperts { policy: String },
     /// The plugin returned an error or panicked (the message then has the panic's text).
@@ -53,10 +54,10 @@ impl LoadedPolicy {
         services: &dyn HostServices,
     ) -> Result<Fitted, FitError> {
         let policy = self.name().to_owned();
-        let params = Params::parse(self.parameters(), request.params).map_err(|source| {
+        let params = Params::parse(self.parameters(), request.params).map_err(|problem| {
             FitError::Params {
                 policy: policy.clone(),
-                source,
+                problem,
             }
         })?;
         if request.experts.is_empty() {
