@@ -8,7 +8,10 @@ use std::path::Path;
 use futures_util::StreamExt;
 use moerge_bus::{Daemon1Proxy, ErrorKind, GenerateOptions, Model1Proxy, DAEMON_PATH};
 use moerge_daemon::bus::{self, BusConfig, BusTarget};
-use moerge_daemon::serving::ClientLimits;
+use moerge_daemon::serving::{
+    ClientLimits, FitOutcome, FitRequest, HookError, JobReporter, PolicyDescription, PolicyRunner,
+    SelectOutcome, SelectRequest, Selector,
+};
 
 use bus_support::*;
 
@@ -183,6 +186,103 @@ async fn a_private_socket_serves_peers_and_forgets_them_when_they_close() {
     .await;
 }
 
+/// A policy that holds its compute thread until the test opens the gate, or panics; its plan
+/// merges "upper" alone.
+struct GatedPolicy {
+    entered: std::sync::Mutex<std::sync::mpsc::Sender<()>>,
+    gate: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+impl PolicyRunner for GatedPolicy {
+    fn policies(&self) -> Vec<PolicyDescription> {
+        Vec::new()
+    }
+
+    fn fit(&self, request: FitRequest, _: &JobReporter) -> Result<FitOutcome, HookError> {
+        match request.policy.as_str() {
+            "panic" => panic!("a policy bug"),
+            _ => {
+                self.entered.lock().unwrap().send(()).unwrap();
+                self.gate.lock().unwrap().recv().unwrap()
+            }
+        }
+        let upper = request.lease.expert("upper").unwrap().hash.unwrap();
+        let plan = serde_json::json!({
+            "moerge_plan": 1,
+            "experts": [{"name": "upper", "hash": upper.to_string()}],
+            "default": {"static": {"weights": [1.0], "space": "lowrank"}},
+        });
+        Ok(FitOutcome {
+            plan_json: plan.to_string(),
+            tensors: None,
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bus_answers_while_compute_is_busy_and_a_panic_fails_one_call() {
+    let (open, gate) = std::sync::mpsc::channel();
+    let (entered, in_compute) = std::sync::mpsc::channel();
+    let setup = Setup::start_with(|c| {
+        c.compute_threads = 1;
+        c.policies = Some(std::sync::Arc::new(GatedPolicy {
+            entered: std::sync::Mutex::new(entered),
+            gate: std::sync::Mutex::new(gate),
+        }));
+    })
+    .await;
+    let (conn, daemon) = setup.client().await;
+
+    // A panic in compute fails that call only.
+    assert_error(
+        daemon.fuse("panic", "{}", &[]).await,
+        ErrorKind::Internal,
+        &["panicked", "a policy bug"],
+    );
+
+    // Fuse holds the only compute thread until the gate opens; meanwhile the daemon
+    // answers calls that need no compute.
+    let (_c2, busy) = setup.client().await;
+    let fusing = tokio::spawn(async move { busy.fuse("gated", "{}", &[]).await });
+    tokio::task::spawn_blocking(move || in_compute.recv().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(daemon.expert_count().await.unwrap(), 3);
+    assert_eq!(daemon.list_experts().await.unwrap().len(), 3);
+    assert!(
+        !fusing.is_finished(),
+        "Fuse cannot finish before the gate opens"
+    );
+    open.send(()).unwrap();
+    let path = fusing.await.unwrap().unwrap();
+    let model = Model1Proxy::builder(&conn)
+        .path(path)
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(
+        model
+            .score("upper a>", "A\n")
+            .await
+            .unwrap()
+            .token_nll
+            .len(),
+        2
+    );
+}
+
+/// A selection that finishes at once, so a Job1 object exists to introspect.
+struct Instant;
+
+impl Selector for Instant {
+    fn select(&self, _: SelectRequest, _: &JobReporter) -> Result<SelectOutcome, HookError> {
+        Ok(SelectOutcome {
+            selected: Vec::new(),
+            result_json: "{}".into(),
+        })
+    }
+}
+
 /// The `<interface name="...">...</interface>` block of an introspection document.
 fn interface_block(xml: &str, name: &str) -> String {
     let start = xml
@@ -198,13 +298,15 @@ fn interface_block(xml: &str, name: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_live_interfaces_match_the_committed_xml() {
-    let setup = Setup::start().await;
+    let setup = Setup::start_with(|c| c.selector = Some(std::sync::Arc::new(Instant))).await;
     let (conn, daemon) = setup.client().await;
     let experts = daemon.list_experts().await.unwrap();
     let path = daemon
         .fuse_plan(&merge_plan(&experts, &["upper"]))
         .await
         .unwrap();
+    let data = tiny_library().join("data/valid.jsonl");
+    let job = daemon.select("{}", data.to_str().unwrap()).await.unwrap();
     let introspect = |path: String| {
         let conn = conn.clone();
         async move {
@@ -222,9 +324,11 @@ async fn the_live_interfaces_match_the_committed_xml() {
     let committed = Path::new(env!("CARGO_MANIFEST_DIR")).join("bus-api/interfaces");
     let daemon_xml = introspect(DAEMON_PATH.to_string()).await;
     let model_xml = introspect(path.to_string()).await;
+    let job_xml = introspect(job.to_string()).await;
     for (name, xml) in [
         ("org.moerge.Daemon1", daemon_xml),
         ("org.moerge.Model1", model_xml),
+        ("org.moerge.Job1", job_xml),
     ] {
         let live = interface_block(&xml, name);
         let file = committed.join(format!("{name}.xml"));

@@ -35,6 +35,7 @@ type Result<T> = std::result::Result<T, MoergeError>;
 #[interface(name = "org.moerge.Daemon1")]
 impl Daemon1 {
     /// Every expert of the current library generation, ready or not.
+    #[zbus(out_args("experts"))]
     async fn list_experts(&self) -> Vec<ExpertInfo> {
         let (generation, experts) = self.state.serving.experts();
         experts
@@ -44,6 +45,7 @@ impl Daemon1 {
     }
 
     /// One expert by name.
+    #[zbus(out_args("expert"))]
     async fn get_expert(&self, name: &str) -> Result<ExpertInfo> {
         let (generation, record) = self.state.serving.expert(name).map_err(error)?;
         Ok(convert::expert(generation, record))
@@ -51,6 +53,7 @@ impl Daemon1 {
 
     /// Copies the adapter folder at the absolute path `path` into the library, atomically,
     /// after validating it; returns the expert once indexed. The daemon's user and root only.
+    #[zbus(out_args("expert"))]
     async fn add_expert(
         &self,
         path: &str,
@@ -83,6 +86,7 @@ impl Daemon1 {
     }
 
     /// The fusion policies on offer.
+    #[zbus(out_args("policies"))]
     async fn list_policies(&self) -> Vec<PolicyInfo> {
         self.state
             .serving
@@ -93,12 +97,14 @@ impl Daemon1 {
     }
 
     /// The stored plans.
+    #[zbus(out_args("plans"))]
     async fn list_plans(&self) -> Result<Vec<PlanInfo>> {
         let plans = self.state.serving.plans().map_err(error)?;
         Ok(plans.into_iter().map(convert::plan).collect())
     }
 
     /// The live model objects.
+    #[zbus(out_args("models"))]
     async fn list_models(&self) -> Vec<ModelInfo> {
         self.state
             .serving
@@ -110,6 +116,7 @@ impl Daemon1 {
 
     /// Builds the model a plan (JSON, format 1) describes from the current library
     /// generation; returns its object path.
+    #[zbus(out_args("model"))]
     async fn fuse_plan(
         &self,
         plan_json: &str,
@@ -128,6 +135,7 @@ impl Daemon1 {
 
     /// Runs `policy` with JSON `params` over `experts` (all ready ones when empty) and fuses
     /// the plan it makes.
+    #[zbus(out_args("model"))]
     async fn fuse(
         &self,
         policy: &str,
@@ -148,6 +156,7 @@ impl Daemon1 {
 
     /// Starts fitting `policy` on the JSONL file `data` (absolute path); returns a job.
     /// The daemon's user and root only.
+    #[zbus(out_args("job"))]
     async fn fit(
         &self,
         policy: &str,
@@ -168,6 +177,7 @@ impl Daemon1 {
 
     /// Starts a greedy selection over the JSONL file `data` (absolute path); returns a job.
     /// The daemon's user and root only.
+    #[zbus(out_args("job"))]
     async fn select(
         &self,
         params: &str,

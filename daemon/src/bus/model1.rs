@@ -80,6 +80,7 @@ impl Model1 {
 #[interface(name = "org.moerge.Model1")]
 impl Model1 {
     /// The negative log-likelihood (nats) of each token of `completion` after `prompt`.
+    #[zbus(out_args("score"))]
     async fn score(
         &self,
         prompt: &str,
@@ -99,6 +100,7 @@ impl Model1 {
 
     /// Generates text after `prompt`. `options` (a{sv}): max_tokens (u), temperature (d),
     /// top_p (d), seed (t), stop (as).
+    #[zbus(out_args("text"))]
     async fn generate(
         &self,
         prompt: &str,
@@ -119,6 +121,7 @@ impl Model1 {
 
     /// Like Generate, but returns a request id at once; the text follows as Token signals
     /// sent to the caller only, then one Done signal.
+    #[zbus(out_args("request"))]
     async fn generate_stream(
         &self,
         prompt: &str,
@@ -167,6 +170,7 @@ impl Model1 {
     }
 
     /// The `k` most likely next tokens after `prompt`, best first.
+    #[zbus(out_args("tokens"))]
     async fn top_tokens(
         &self,
         prompt: &str,
@@ -186,6 +190,7 @@ impl Model1 {
 
     /// For each routed module, the weight each expert got for each prompt token (empty for a
     /// plan that routes nothing).
+    #[zbus(out_args("explanation"))]
     async fn explain(
         &self,
         prompt: &str,
@@ -204,6 +209,7 @@ impl Model1 {
 
     /// Writes a merge plan's model as a PEFT adapter into the new folder `dir` (absolute);
     /// returns its content hash. The daemon's user and root only.
+    #[zbus(out_args("hash"))]
     async fn export_peft(
         &self,
         dir: &str,

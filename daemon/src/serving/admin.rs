@@ -109,8 +109,10 @@ fn copy_and_check(source: &Path, staged: &Path, hash: ContentHash) -> Result<(),
     }
 }
 
-/// Moves expert `name`'s folder out of the library. Blocking.
-pub(crate) fn remove_expert(library: &Path, name: &str) -> Result<(), ServeError> {
+/// Moves expert `name`'s folder to a hidden name inside the library (the watcher no longer
+/// sees it there) and returns that folder, for [`delete_moved`] once the index has dropped
+/// the expert. Blocking.
+pub(crate) fn move_out(library: &Path, name: &str) -> Result<PathBuf, ServeError> {
     if name.is_empty() || name.starts_with('.') || name.contains('/') {
         return Err(ServeError::invalid(
             "name",
@@ -125,5 +127,10 @@ pub(crate) fn remove_expert(library: &Path, name: &str) -> Result<(), ServeError
     }
     let trash = staging_dir(library, "remove");
     std::fs::rename(&dir, &trash).map_err(|e| io_error("cannot move away", &dir, e))?;
-    std::fs::remove_dir_all(&trash).map_err(|e| io_error("cannot delete", &trash, e))
+    Ok(trash)
+}
+
+/// Deletes a folder [`move_out`] made. Blocking.
+pub(crate) fn delete_moved(trash: &Path) -> Result<(), ServeError> {
+    std::fs::remove_dir_all(trash).map_err(|e| io_error("cannot delete", trash, e))
 }

@@ -297,6 +297,8 @@ impl Serving {
             tokio::task::spawn_blocking(move || admin::add_expert(&library, &base, &source))
                 .await
                 .map_err(|e| ServeError::Internal(format!("AddExpert: {e}")))??;
+        // A backstop, as for removals: the expert is indexed whatever the watcher reports.
+        self.service.rescan();
         let wanted = name.clone();
         self.wait_for_change(&mut events, move |c| {
             matches!(c, ExpertChange::Added { name, .. } | ExpertChange::Updated { name, .. } if *name == wanted)
@@ -311,15 +313,24 @@ impl Serving {
         let mut events = self.subscribe();
         let library = self.config.library.clone();
         let n = name.to_string();
-        tokio::task::spawn_blocking(move || admin::remove_expert(&library, &n))
+        let trash = tokio::task::spawn_blocking(move || admin::move_out(&library, &n))
             .await
             .map_err(|e| ServeError::Internal(format!("RemoveExpert: {e}")))??;
+        // The trash is deleted only once the index has dropped the expert: a rename followed
+        // at once by the deletion of its target can reach the watcher as events on the
+        // hidden name alone. The rescan makes the removal seen whatever the watcher reports.
+        self.service.rescan();
         let wanted = name.to_string();
-        self.wait_for_change(
-            &mut events,
-            move |c| matches!(c, ExpertChange::Removed { name, .. } if *name == wanted),
-        )
-        .await
+        let seen = self
+            .wait_for_change(
+                &mut events,
+                move |c| matches!(c, ExpertChange::Removed { name, .. } if *name == wanted),
+            )
+            .await;
+        tokio::task::spawn_blocking(move || admin::delete_moved(&trash))
+            .await
+            .map_err(|e| ServeError::Internal(format!("RemoveExpert: {e}")))??;
+        seen
     }
 
     async fn wait_for_change(
