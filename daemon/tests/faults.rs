@@ -15,6 +15,11 @@ use moerge_daemon::index::{DerivedValue, Index};
 use moerge_daemon::service::sketch::SKETCH_KIND;
 use support::*;
 
+/// A private peer-to-peer socket, so these tests need no bus daemon.
+fn socket_address(h: &Harness) -> String {
+    format!("unix:path={}", h.tmp.path().join("moerged.sock").display())
+}
+
 struct Daemon {
     child: Child,
     lines: Receiver<String>,
@@ -30,6 +35,8 @@ impl Daemon {
             .arg(base())
             .arg("--state")
             .arg(&h.state)
+            .arg("--address")
+            .arg(socket_address(h))
             .args(["--debounce-ms", "50", "--settle-ms", "300"])
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
@@ -244,6 +251,8 @@ fn a_second_daemon_on_the_same_state_exits_with_a_clear_message() {
         .arg(base())
         .arg("--state")
         .arg(&h.state)
+        .arg("--address")
+        .arg(socket_address(&h))
         .output()
         .unwrap();
     assert_eq!(second.status.code(), Some(1));

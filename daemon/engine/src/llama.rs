@@ -87,7 +87,7 @@ impl Llama {
         }
         let heads = cfg.num_attention_heads;
         let kv_heads = cfg.num_key_value_heads.unwrap_or(heads);
-        if heads % kv_heads != 0 {
+        if !heads.is_multiple_of(kv_heads) {
             return Err(EngineError::Config {
                 path: config_path.to_path_buf(),
                 message: format!("num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"),

@@ -67,7 +67,7 @@ impl Phi {
         }
         let heads = cfg.num_attention_heads;
         let kv_heads = cfg.num_key_value_heads.unwrap_or(heads);
-        if cfg.hidden_size % heads != 0 || heads % kv_heads != 0 {
+        if !cfg.hidden_size.is_multiple_of(heads) || !heads.is_multiple_of(kv_heads) {
             return Err(EngineError::Config {
                 path: config_path.to_path_buf(),
                 message: format!(

@@ -1,15 +1,18 @@
 //! `moerged`, the moerge daemon. Thin on purpose: parse the arguments, start tracing, start
-//! the service, wait for SIGINT or SIGTERM, shut down cleanly. Everything else is in the
-//! `moerge-daemon` library.
+//! the service, the serving core and the bus, wait for SIGINT or SIGTERM, shut down cleanly.
+//! Everything else is in the `moerge-daemon` library.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use moerge_daemon::bus::{self, BusConfig, BusTarget};
 use moerge_daemon::service::{default_state_dir, Service, ServiceConfig};
+use moerge_daemon::serving::{ClientLimits, Serving, ServingConfig};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tracing_subscriber::EnvFilter;
 
@@ -32,9 +35,56 @@ struct Args {
     /// How long a folder that does not load must stay unchanged before it is rejected.
     #[arg(long, value_name = "MS", default_value_t = 2000)]
     settle_ms: u64,
+    /// Serve on the system bus instead of the session bus.
+    #[arg(long, conflicts_with_all = ["bus_address", "address"])]
+    system: bool,
+    /// Serve on the bus daemon at this address instead of the session bus.
+    #[arg(long, value_name = "ADDRESS", conflicts_with = "address")]
+    bus_address: Option<String>,
+    /// Serve a private socket instead of a bus: `unix:path=/run/moerge.sock`. Each client
+    /// gets its own peer-to-peer connection.
+    #[arg(long, value_name = "unix:path=PATH")]
+    address: Option<String>,
+    /// Compute threads (scoring, generating, fusing) [default: one per core].
+    #[arg(long, value_name = "N")]
+    compute_threads: Option<usize>,
+    /// Live models per client.
+    #[arg(long, value_name = "N", default_value_t = ClientLimits::default().models)]
+    max_models: usize,
+    /// Jobs (fits, selections) per client.
+    #[arg(long, value_name = "N", default_value_t = ClientLimits::default().jobs)]
+    max_jobs: usize,
+    /// Calls per client running at once.
+    #[arg(long, value_name = "N", default_value_t = ClientLimits::default().concurrent_calls)]
+    max_calls: usize,
+    /// The largest max_tokens a generation may ask for.
+    #[arg(long, value_name = "N", default_value_t = ClientLimits::default().max_tokens)]
+    max_tokens: u32,
 }
 
+impl Args {
+    fn bus_target(&self) -> anyhow::Result<BusTarget> {
+        Ok(if let Some(address) = &self.address {
+            let path = address.strip_prefix("unix:path=").with_context(|| {
+                format!("--address {address}: only unix:path=<socket path> is supported")
+            })?;
+            BusTarget::Listen(PathBuf::from(path))
+        } else if let Some(address) = &self.bus_address {
+            BusTarget::Bus(address.clone())
+        } else if self.system {
+            BusTarget::System
+        } else {
+            BusTarget::Session
+        })
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
+    // Before any thread starts: candle ops single-threaded, parallelism across requests.
+    moerge_engine::prefer_data_parallelism();
     let args = Args::parse();
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     tracing_subscriber::fmt()
@@ -53,6 +103,7 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
+    let target = args.bus_target()?;
     let state = match args.state {
         Some(dir) => dir,
         None => default_state_dir()
@@ -61,10 +112,23 @@ fn run(args: Args) -> anyhow::Result<()> {
     let mut config = ServiceConfig::new(args.library, args.base, state.clone());
     config.debounce = Duration::from_millis(args.debounce_ms);
     config.settle = Duration::from_millis(args.settle_ms);
+    let mut serving_config = ServingConfig::new(&config);
+    if let Some(n) = args.compute_threads {
+        serving_config.compute_threads = n.max(1);
+    }
+    serving_config.limits = ClientLimits {
+        models: args.max_models,
+        jobs: args.max_jobs,
+        concurrent_calls: args.max_calls,
+        max_tokens: args.max_tokens,
+    };
 
     // Signal handlers go in before anything is announced: a SIGTERM that arrives once we
-    // say "serving" must mean a clean shutdown, not the default instant death.
-    let runtime = tokio::runtime::Builder::new_current_thread()
+    // say "serving" must mean a clean shutdown, not the default instant death. Method calls
+    // run as tasks on this runtime; heavy compute never does (it goes to compute threads).
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("moerge-bus")
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
@@ -72,7 +136,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         let _entered = runtime.enter();
         Signals::install()?
     };
-    let service = Service::start(config)?;
+    let service = Arc::new(Service::start(config)?);
 
     let startup = service.startup();
     if let Some(recovery) = &startup.recovery {
@@ -83,16 +147,29 @@ fn run(args: Args) -> anyhow::Result<()> {
             "the index was damaged and has been rebuilt from the library folder"
         );
     }
+    let generation = startup.generation;
+    let serving = Arc::new(Serving::new(service.clone(), serving_config)?);
+    let bus = runtime
+        .block_on(bus::serve(serving.clone(), BusConfig::new(target.clone())))
+        .context("cannot serve on D-Bus")?;
     tracing::info!(
         state = %state.display(),
         experts = service.lease().experts().len(),
-        generation = startup.generation,
+        generation,
+        bus = ?target,
         "serving"
     );
 
     let signal_name = runtime.block_on(signals.wait());
     tracing::info!(signal = signal_name, "shutting down");
-    service.shutdown();
+    drop(bus);
+    // Ends every task (and with them the connections and what they hold) before the service.
+    drop(runtime);
+    drop(serving);
+    match Arc::try_unwrap(service) {
+        Ok(service) => service.shutdown(),
+        Err(service) => drop(service),
+    }
     tracing::info!("stopped");
     Ok(())
 }
