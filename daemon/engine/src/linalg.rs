@@ -2,65 +2,9 @@
 //! prototypes, SVD truncation of merges): thin QR, symmetric eigendecomposition.
 //! Sizes are a few dozen, so plain loops are clear and fast enough.
 
-/// Eigenvalues (descending) and unit eigenvectors (as columns of an `n × n` row-major
-/// matrix) of the symmetric `s`, by cyclic Jacobi rotations.
-pub(crate) fn symmetric_eigen(s: &[f64], n: usize) -> (Vec<f64>, Vec<f64>) {
-    let mut s = s.to_vec();
-    let mut v: Vec<f64> = (0..n * n)
-        .map(|i| if i % (n + 1) == 0 { 1.0 } else { 0.0 })
-        .collect();
-    let scale: f64 = s.iter().map(|x| x * x).sum::<f64>().max(1e-300);
-    for _sweep in 0..100 {
-        let off: f64 = (0..n)
-            .flat_map(|i| (0..n).filter(move |&j| j != i).map(move |j| (i, j)))
-            .map(|(i, j)| s[i * n + j].powi(2))
-            .sum();
-        if off <= 1e-30 * scale {
-            break;
-        }
-        for p in 0..n {
-            for q in p + 1..n {
-                let apq = s[p * n + q];
-                if apq == 0.0 {
-                    continue;
-                }
-                let theta = (s[q * n + q] - s[p * n + p]) / (2.0 * apq);
-                let t = if theta == 0.0 {
-                    1.0
-                } else {
-                    theta.signum() / (theta.abs() + (theta * theta + 1.0).sqrt())
-                };
-                let c = 1.0 / (t * t + 1.0).sqrt();
-                let sn = t * c;
-                for k in 0..n {
-                    let (skp, skq) = (s[k * n + p], s[k * n + q]);
-                    s[k * n + p] = c * skp - sn * skq;
-                    s[k * n + q] = sn * skp + c * skq;
-                }
-                for k in 0..n {
-                    let (spk, sqk) = (s[p * n + k], s[q * n + k]);
-                    s[p * n + k] = c * spk - sn * sqk;
-                    s[q * n + k] = sn * spk + c * sqk;
-                }
-                for k in 0..n {
-                    let (vkp, vkq) = (v[k * n + p], v[k * n + q]);
-                    v[k * n + p] = c * vkp - sn * vkq;
-                    v[k * n + q] = sn * vkp + c * vkq;
-                }
-            }
-        }
-    }
-    let mut order: Vec<usize> = (0..n).collect();
-    order.sort_by(|&i, &j| s[j * n + j].total_cmp(&s[i * n + i]));
-    let values = order.iter().map(|&i| s[i * n + i]).collect();
-    let mut vectors = vec![0f64; n * n];
-    for (col, &i) in order.iter().enumerate() {
-        for k in 0..n {
-            vectors[k * n + col] = v[k * n + i];
-        }
-    }
-    (values, vectors)
-}
+/// The SDK's Jacobi eigen-decomposition (plugins and the engine share one implementation):
+/// eigenvalues descending, unit eigenvectors as the columns of a row-major `n × n` matrix.
+pub(crate) use moerge_sdk::linalg::symmetric_eigen;
 
 /// Thin QR of `m` (`rows × cols`, rows ≥ cols): `Q` (`rows × cols`, orthonormal columns) and
 /// upper-triangular `R` (`cols × cols`), by Gram–Schmidt with re-orthogonalisation.
