@@ -53,26 +53,9 @@ pub(crate) fn prototype_of_factors(
             a_t[j * r + k] = a[k * inp + j];
         }
     }
-    let (qa, ra) = linalg::thin_qr(&a_t, inp, r);
-    let (_, rb) = linalg::thin_qr(b, out, r);
-    // M = R_b R_aᵀ, then MᵀM.
-    let m: Vec<f64> = (0..r * r)
-        .map(|idx| {
-            (0..r)
-                .map(|t| rb[(idx / r) * r + t] * ra[(idx % r) * r + t])
-                .sum()
-        })
-        .collect();
-    let mtm: Vec<f64> = (0..r * r)
-        .map(|idx| {
-            (0..r)
-                .map(|t| m[t * r + idx / r] * m[t * r + idx % r])
-                .sum()
-        })
-        .collect();
-    let (_, vectors) = linalg::symmetric_eigen(&mtm, r);
+    let svd = linalg::product_svd(&a_t, b, r, inp, out);
     let mut v: Vec<f64> = (0..inp)
-        .map(|j| (0..r).map(|i| qa[j * r + i] * vectors[i * r]).sum())
+        .map(|j| (0..r).map(|i| svd.qa[j * r + i] * svd.v[i * r]).sum())
         .collect();
     let norm = v
         .iter()

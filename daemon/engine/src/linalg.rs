@@ -38,6 +38,45 @@ pub(crate) fn thin_qr(m: &[f64], rows: usize, cols: usize) -> (Vec<f64>, Vec<f64
     (q, r)
 }
 
+/// The SVD of a product `B A` (`a_t` = `Aᵀ` `[in, R]`, `b` `[out, R]`) without forming it:
+/// thin QRs `Aᵀ = Q_a R_a`, `B = Q_b R_b`, so `B A = Q_b M Q_aᵀ` with the `R × R` core
+/// `M = R_b R_aᵀ`, whose right singular vectors come from `MᵀM = V Σ² Vᵀ`.
+pub(crate) struct ProductSvd {
+    pub qa: Vec<f64>,
+    pub qb: Vec<f64>,
+    pub m: Vec<f64>,
+    /// Eigenvalues of `MᵀM` (σ², descending) and its unit eigenvectors as columns.
+    pub values: Vec<f64>,
+    pub v: Vec<f64>,
+}
+
+pub(crate) fn product_svd(a_t: &[f64], b: &[f64], r: usize, inp: usize, out: usize) -> ProductSvd {
+    let (qa, ra) = thin_qr(a_t, inp, r);
+    let (qb, rb) = thin_qr(b, out, r);
+    let m: Vec<f64> = (0..r * r)
+        .map(|idx| {
+            (0..r)
+                .map(|t| rb[(idx / r) * r + t] * ra[(idx % r) * r + t])
+                .sum()
+        })
+        .collect();
+    let mtm: Vec<f64> = (0..r * r)
+        .map(|idx| {
+            (0..r)
+                .map(|t| m[t * r + idx / r] * m[t * r + idx % r])
+                .sum()
+        })
+        .collect();
+    let (values, v) = symmetric_eigen(&mtm, r);
+    ProductSvd {
+        qa,
+        qb,
+        m,
+        values,
+        v,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

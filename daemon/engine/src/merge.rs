@@ -272,7 +272,6 @@ pub fn export_peft(
 /// factors, without forming `ΔW`: thin QR of `B` and `Aᵀ`, SVD of the `R × R` core
 /// `R_b R_aᵀ`, then `B' = Q_b U_k Σ_k` and `A' = (Q_a V_k)ᵀ` (PEFT's `svd` merge).
 fn truncate(a: &Tensor, b: &Tensor, k: usize) -> Result<(Tensor, Tensor)> {
-    use crate::linalg::{symmetric_eigen, thin_qr};
     let (r, inp) = a.dims2()?;
     let out = b.dim(0)?;
     let to64 = |t: &Tensor| -> Result<Vec<f64>> {
@@ -284,24 +283,14 @@ fn truncate(a: &Tensor, b: &Tensor, k: usize) -> Result<(Tensor, Tensor)> {
     };
     let a_t = to64(&a.t()?.contiguous()?)?; // in × R
     let b64 = to64(b)?; // out × R
-    let (qa, ra) = thin_qr(&a_t, inp, r);
-    let (qb, rb) = thin_qr(&b64, out, r);
-    // Core M = R_b R_aᵀ (R × R), then MᵀM = V Σ² Vᵀ and U = M V / σ.
-    let m: Vec<f64> = (0..r * r)
-        .map(|idx| {
-            (0..r)
-                .map(|t| rb[(idx / r) * r + t] * ra[(idx % r) * r + t])
-                .sum()
-        })
-        .collect();
-    let mtm: Vec<f64> = (0..r * r)
-        .map(|idx| {
-            (0..r)
-                .map(|t| m[t * r + idx / r] * m[t * r + idx % r])
-                .sum()
-        })
-        .collect();
-    let (values, v) = symmetric_eigen(&mtm, r);
+    let crate::linalg::ProductSvd {
+        qa,
+        qb,
+        m,
+        values,
+        v,
+    } = crate::linalg::product_svd(&a_t, &b64, r, inp, out);
+    // U = M V / σ.
     let mut new_b = vec![0f32; out * k];
     let mut new_a = vec![0f32; k * inp];
     for c in 0..k {
