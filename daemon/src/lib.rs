@@ -9,6 +9,7 @@
 
 pub mod bus;
 pub mod clustering;
+pub mod fitting;
 pub mod index;
 pub mod selection;
 pub mod service;

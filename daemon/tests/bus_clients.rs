@@ -215,6 +215,7 @@ impl PolicyRunner for GatedPolicy {
         Ok(FitOutcome {
             plan_json: plan.to_string(),
             tensors: None,
+            valid_loss: None,
         })
     }
 }

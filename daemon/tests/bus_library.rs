@@ -178,6 +178,7 @@ impl PolicyRunner for UniformPolicy {
         Ok(FitOutcome {
             plan_json: plan.to_string(),
             tensors: None,
+            valid_loss: None,
         })
     }
 }
@@ -220,7 +221,9 @@ async fn jobs_run_through_the_hooks_and_report_on_the_bus() {
         &["Fuse", "FusePlan"],
     );
     assert_error(
-        daemon.fit("uniform-merge", "{}", &["upper"], data).await,
+        daemon
+            .fit("uniform-merge", "{}", &["upper"], data, "")
+            .await,
         ErrorKind::NotSupported,
         &["Fit"],
     );
@@ -265,13 +268,13 @@ async fn jobs_run_through_the_hooks_and_report_on_the_bus() {
 
     assert_error(
         daemon
-            .fit("uniform-merge", "{}", &["upper"], "rel.jsonl")
+            .fit("uniform-merge", "{}", &["upper"], "rel.jsonl", "")
             .await,
         ErrorKind::InvalidArgument,
         &["data", "absolute"],
     );
     let job_path = daemon
-        .fit("uniform-merge", "{}", &["upper", "reverse"], data)
+        .fit("uniform-merge", "{}", &["upper", "reverse"], data, "")
         .await
         .unwrap();
     let job = Job1Proxy::builder(&conn)
@@ -291,7 +294,7 @@ async fn jobs_run_through_the_hooks_and_report_on_the_bus() {
     job.release().await.unwrap();
 
     let waiting = daemon
-        .fit("uniform-merge", "{\"wait\": true}", &["upper"], data)
+        .fit("uniform-merge", "{\"wait\": true}", &["upper"], data, "")
         .await
         .unwrap();
     let waiting = Job1Proxy::builder(&conn)

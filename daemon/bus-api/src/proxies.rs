@@ -40,14 +40,30 @@ pub trait Daemon1 {
     /// Runs `policy` (with JSON `params`) over `experts` (all ready experts when empty) and
     /// fuses the plan it makes.
     fn fuse(&self, policy: &str, params: &str, experts: &[&str]) -> Result<OwnedObjectPath>;
-    /// Starts fitting `policy` on the JSONL file `data`; returns a job. Own user or root only.
+    /// Starts fitting `policy` on `data` (a JSONL file, or a folder with `train.jsonl` and
+    /// `valid.jsonl`); the plan is stored as `name` (empty: `<policy>-<job id>`). Returns a
+    /// job. Own user or root only.
     fn fit(
         &self,
         policy: &str,
         params: &str,
         experts: &[&str],
         data: &str,
+        name: &str,
     ) -> Result<OwnedObjectPath>;
+    /// Fuses the stored plan `name`.
+    fn fuse_saved(&self, name: &str) -> Result<OwnedObjectPath>;
+    /// Stores the plan file at the absolute `path` (and its tensor file next to it) as
+    /// `name`. Own user or root only.
+    fn save_plan(&self, name: &str, path: &str) -> Result<PlanInfo>;
+    /// Forgets the stored plan `name`. Own user or root only.
+    fn remove_plan(&self, name: &str) -> Result<()>;
+    /// The latest greedy selection (JSON: order, curve, active set, evaluated rows), or an
+    /// empty string when the daemon has none.
+    fn get_selection(&self) -> Result<String>;
+    /// The latest clustering of the library (JSON: experts, labels, clusters, similarity),
+    /// or an empty string when the daemon has none.
+    fn get_clusters(&self) -> Result<String>;
     /// Starts a greedy selection over the JSONL file `data`; returns a job. Own user or root.
     fn select(&self, params: &str, data: &str) -> Result<OwnedObjectPath>;
 

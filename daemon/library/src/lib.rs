@@ -50,7 +50,10 @@ pub use error::{AdapterError, BaseError, Incompatibility};
 pub use hash::{ContentHash, ParseHashError};
 pub use metadata::{ExpertMetadata, METADATA_FILE};
 pub use safetensors_header::{Dtype, HeaderError};
-pub use tensor_file::{read_tensor_file, write_tensor_file, F32Tensor, TensorFileError, TensorMap};
+pub use tensor_file::{
+    parse_tensor_file, read_tensor_file, tensor_file_bytes, tensor_file_hash, write_tensor_file,
+    F32Tensor, TensorFileError, TensorMap,
+};
 pub use write::{write_adapter, NewAdapter, NewModule};
 
 /// The name of a folder as given (`.` and `..` resolved), used to name adapters and bases.

@@ -145,7 +145,18 @@ pub fn read_tensor_file(dir: &Path, hash: &str) -> Result<TensorMap, TensorFileE
         }
         Err(source) => return Err(TensorFileError::Io { path, source }),
     };
-    let found = tensor_file_hash(&bytes);
+    parse_tensor_file(&path, &bytes, hash)
+}
+
+/// A tensor file's content from its bytes (kept elsewhere, e.g. in the daemon's index),
+/// with the same checks as [`read_tensor_file`]; `path` only names it in errors.
+pub fn parse_tensor_file(
+    path: &Path,
+    bytes: &[u8],
+    hash: &str,
+) -> Result<TensorMap, TensorFileError> {
+    let path = path.to_path_buf();
+    let found = tensor_file_hash(bytes);
     if found != hash {
         return Err(TensorFileError::HashMismatch {
             path,
@@ -154,7 +165,7 @@ pub fn read_tensor_file(dir: &Path, hash: &str) -> Result<TensorMap, TensorFileE
         });
     }
     let header =
-        safetensors_header::parse_file(&bytes).map_err(|source| TensorFileError::Header {
+        safetensors_header::parse_file(bytes).map_err(|source| TensorFileError::Header {
             path: path.clone(),
             source,
         })?;

@@ -11,6 +11,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use moerge_daemon::bus::{self, BusConfig, BusTarget};
+use moerge_daemon::fitting::PluginRunner;
+use moerge_daemon::selection::{self, AutoRefresh, EngineRows, GreedySelector};
 use moerge_daemon::service::{default_state_dir, Service, ServiceConfig};
 use moerge_daemon::serving::{ClientLimits, Serving, ServingConfig};
 use tokio::signal::unix::{signal, Signal, SignalKind};
@@ -60,6 +62,18 @@ struct Args {
     /// The largest max_tokens a generation may ask for.
     #[arg(long, value_name = "N", default_value_t = ClientLimits::default().max_tokens)]
     max_tokens: u32,
+    /// Also load fusion-policy plugins from this folder (repeatable), after the built-ins
+    /// and $XDG_DATA_HOME/moerge/policies.
+    #[arg(long, value_name = "DIR")]
+    policy_dir: Vec<PathBuf>,
+    /// Validation data (JSONL with a task on every record, or a folder's valid.jsonl) on
+    /// which greedy selection and clustering are kept current after every library change.
+    /// Without it they run only when asked (Select).
+    #[arg(long, value_name = "PATH")]
+    eval_data: Option<PathBuf>,
+    /// The active set's tolerance, relative to the full library's loss.
+    #[arg(long, value_name = "FRACTION", default_value_t = selection::DEFAULT_TOLERANCE)]
+    select_tolerance: f64,
 }
 
 impl Args {
@@ -148,7 +162,25 @@ fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     let generation = startup.generation;
+    let runner = PluginRunner::discover(&args.policy_dir);
+    for p in runner.registry().policies() {
+        tracing::info!(policy = p.name(), version = p.version(), path = %p.path().display(), "policy loaded");
+    }
+    for refusal in runner.registry().refusals() {
+        tracing::warn!(path = %refusal.path().display(), reason = %refusal, "policy refused");
+    }
+    serving_config.policies = Some(Arc::new(runner));
+    serving_config.selector = Some(Arc::new(GreedySelector::new(service.index().clone())));
     let serving = Arc::new(Serving::new(service.clone(), serving_config)?);
+    let _refresher = match &args.eval_data {
+        Some(path) => Some(start_refresher(
+            &service,
+            &serving,
+            path,
+            args.select_tolerance,
+        )?),
+        None => None,
+    };
     let bus = runtime
         .block_on(bus::serve(serving.clone(), BusConfig::new(target.clone())))
         .context("cannot serve on D-Bus")?;
@@ -172,6 +204,50 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Keeps the selection and the clustering current on `path`, publishing each new active set
+/// to the bus (`SelectionChanged`).
+fn start_refresher(
+    service: &Arc<Service>,
+    serving: &Arc<Serving>,
+    path: &std::path::Path,
+    tolerance: f64,
+) -> anyhow::Result<AutoRefresh> {
+    let data = selection::read_eval_data(path)
+        .with_context(|| format!("--eval-data {}", path.display()))?;
+    let engine = serving.engine();
+    let evaluator = EngineRows::new(engine.base.clone(), &engine.tokenizer, &data)
+        .map_err(|e| anyhow::anyhow!("--eval-data {}: {e}", path.display()))?;
+    let refresher = AutoRefresh::start(
+        service.clone(),
+        data,
+        Box::new(evaluator),
+        tolerance,
+        Default::default(),
+    )
+    .context("cannot start the selection thread")?;
+    let mut updates = refresher.subscribe();
+    let serving = serving.clone();
+    std::thread::Builder::new()
+        .name("moerge-selection-publish".into())
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().build();
+            let Ok(runtime) = runtime else { return };
+            runtime.block_on(async move {
+                while updates.changed().await.is_ok() {
+                    let active = updates
+                        .borrow_and_update()
+                        .as_ref()
+                        .and_then(|r| r.active_set().map(<[String]>::to_vec));
+                    if let Some(active) = active {
+                        serving.set_active_set(active);
+                    }
+                }
+            })
+        })
+        .context("cannot start the selection thread")?;
+    Ok(refresher)
 }
 
 struct Signals {

@@ -157,12 +157,14 @@ impl Daemon1 {
     /// Starts fitting `policy` on the JSONL file `data` (absolute path); returns a job.
     /// The daemon's user and root only.
     #[zbus(out_args("job"))]
+    #[allow(clippy::too_many_arguments)] // the D-Bus signature, plus zbus's injected values
     async fn fit(
         &self,
         policy: &str,
         params: &str,
         experts: Vec<String>,
         data: &str,
+        name: &str,
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<OwnedObjectPath> {
@@ -170,9 +172,70 @@ impl Daemon1 {
         let job = self
             .state
             .serving
-            .fit(&caller, policy, params, experts, data)
+            .fit(&caller, policy, params, experts, data, name)
             .map_err(error)?;
         job1::publish(&self.state, conn, &caller, job, self.p2p.clone()).await
+    }
+
+    /// Fuses the stored plan `name`; returns the model's object path.
+    #[zbus(out_args("model"))]
+    async fn fuse_saved(
+        &self,
+        name: &str,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<OwnedObjectPath> {
+        let caller = self.caller(&header, conn).await?;
+        let model = self
+            .state
+            .serving
+            .fuse_saved(&caller, name)
+            .await
+            .map_err(error)?;
+        model1::publish(&self.state, conn, &caller, model, self.p2p.clone()).await
+    }
+
+    /// Stores the plan file at the absolute `path` (and its tensor file next to it) as
+    /// `name`. The daemon's user and root only.
+    #[zbus(out_args("plan"))]
+    async fn save_plan(
+        &self,
+        name: &str,
+        path: &str,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<PlanInfo> {
+        let caller = self.caller(&header, conn).await?;
+        let record = self
+            .state
+            .serving
+            .save_plan(&caller, name, path)
+            .await
+            .map_err(error)?;
+        Ok(convert::plan(record))
+    }
+
+    /// Forgets the stored plan `name`. The daemon's user and root only.
+    async fn remove_plan(
+        &self,
+        name: &str,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<()> {
+        let caller = self.caller(&header, conn).await?;
+        self.state.serving.remove_plan(&caller, name).map_err(error)
+    }
+
+    /// The latest greedy selection, JSON (empty when there is none yet).
+    #[zbus(out_args("selection"))]
+    async fn get_selection(&self) -> String {
+        self.state.serving.selection_json()
+    }
+
+    /// The latest clustering of the library, JSON (empty when there is none yet).
+    #[zbus(out_args("clusters"))]
+    async fn get_clusters(&self) -> String {
+        self.state.serving.clusters_json()
     }
 
     /// Starts a greedy selection over the JSONL file `data` (absolute path); returns a job.

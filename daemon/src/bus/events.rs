@@ -82,3 +82,18 @@ pub(crate) async fn forward_library_events(state: Arc<BusState>) {
         }
     }
 }
+
+/// Emits `SelectionChanged` on every connection each time the active set changes.
+pub(crate) async fn forward_selection_changes(state: Arc<BusState>) {
+    let mut active = state.serving.watch_active_set();
+    while active.changed().await.is_ok() {
+        let Some(experts) = active.borrow_and_update().clone() else {
+            continue;
+        };
+        for conn in state.connections() {
+            if let Ok(emitter) = SignalEmitter::new(&conn, DAEMON_PATH) {
+                let _ = Daemon1::selection_changed(&emitter, experts.clone()).await;
+            }
+        }
+    }
+}

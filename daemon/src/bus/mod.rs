@@ -164,12 +164,13 @@ pub async fn serve(serving: Arc<Serving>, config: BusConfig) -> Result<BusHandle
         uids: Mutex::default(),
     });
     let events = tokio::spawn(events::forward_library_events(state.clone()));
+    let selections = tokio::spawn(events::forward_selection_changes(state.clone()));
     let builder = match &config.target {
         BusTarget::Listen(path) => {
             let listener = caller::listen(path, state.clone()).await?;
             return Ok(BusHandle {
                 connection: None,
-                tasks: vec![events, listener],
+                tasks: vec![events, selections, listener],
             });
         }
         BusTarget::Session => zbus::connection::Builder::session(),
@@ -204,6 +205,6 @@ pub async fn serve(serving: Arc<Serving>, config: BusConfig) -> Result<BusHandle
         })?;
     Ok(BusHandle {
         connection: Some(connection),
-        tasks: vec![events, departures],
+        tasks: vec![events, selections, departures],
     })
 }

@@ -10,6 +10,7 @@ mod auto;
 mod engine_rows;
 pub mod greedy;
 mod matrix;
+mod selector;
 
 use std::path::Path;
 
@@ -19,6 +20,7 @@ pub use auto::{AutoRefresh, Refresh};
 pub use engine_rows::EngineRows;
 pub use greedy::{select, LossMatrix, Selection, SelectionError};
 pub use matrix::{refresh, EvalData, MatrixError, Refreshed, RowEvaluator};
+pub use selector::{tolerance_from_params, GreedySelector};
 
 use crate::index::{Index, IndexError, SelectionRecord};
 use crate::service::Lease;

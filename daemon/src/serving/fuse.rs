@@ -6,7 +6,7 @@ use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use moerge_library::Adapter;
+use moerge_library::{parse_tensor_file, Adapter, TensorMap};
 use moerge_sdk::plan::{Plan, PlanError};
 
 use super::hooks::{FitRequest, HookError, SelectRequest};
@@ -14,8 +14,8 @@ use super::jobs::{self, JobKind, JobReporter};
 use super::model::{BuiltModel, GenerateRequest, LoadedModel, RoutingExplanation, ScoreOutput};
 use super::rights::{self, Caller, Privileged};
 use super::{admin, lock, Job, ServeError, Serving};
-use crate::index::ExpertRecord;
-use crate::service::{ExpertChange, LeaseError};
+use crate::index::{ExpertRecord, PlanExpert, PlanRecord};
+use crate::service::{ExpertChange, LeaseError, Service};
 
 const PLAN_ARG: &str = "plan_json";
 
@@ -56,12 +56,139 @@ fn absolute_file(argument: &str, path: &str) -> Result<PathBuf, ServeError> {
 impl Serving {
     /// Builds the model `plan_json` describes, from the experts of the current library
     /// generation (which the model keeps leased).
+    ///
+    /// A plan that names a tensor file (learned routers, fixed modules) finds it among the
+    /// stored plans' tensors, by hash: store the plan first with `SavePlan` (a fit stores
+    /// its own).
     pub async fn fuse_plan(
         &self,
         caller: &Caller,
         plan_json: &str,
     ) -> Result<Arc<LoadedModel>, ServeError> {
         let plan = Plan::from_json(plan_json).map_err(plan_error)?;
+        let tensors = match &plan.tensors {
+            Some(hash) => self.stored_tensors(hash)?.ok_or_else(|| {
+                ServeError::invalid(
+                    format!("{PLAN_ARG}: tensors"),
+                    format!(
+                        "no stored plan has the tensor file {hash}.safetensors; SavePlan the plan \
+                         first (`moerge plans save NAME PLAN.json`)"
+                    ),
+                )
+            })?,
+            None => TensorMap::new(),
+        };
+        self.fuse_parsed(caller, plan, plan_json.to_string(), tensors)
+            .await
+    }
+
+    /// Fuses the stored plan `name`.
+    pub async fn fuse_saved(
+        &self,
+        caller: &Caller,
+        name: &str,
+    ) -> Result<Arc<LoadedModel>, ServeError> {
+        let record = self.stored_plan(name)?;
+        if let Some(reason) = &record.stale {
+            return Err(ServeError::invalid(
+                "name",
+                format!("plan {name:?} is stale: {reason}; fit it again or SavePlan a new one"),
+            ));
+        }
+        let plan = Plan::from_json(&record.body).map_err(|e| {
+            ServeError::Internal(format!("stored plan {name:?} does not parse: {e}"))
+        })?;
+        let tensors = match &plan.tensors {
+            Some(hash) => self.stored_tensors(hash)?.ok_or_else(|| {
+                ServeError::Internal(format!("stored plan {name:?}: its tensor file is missing"))
+            })?,
+            None => TensorMap::new(),
+        };
+        self.fuse_parsed(caller, plan, record.body.clone(), tensors)
+            .await
+    }
+
+    fn stored_plan(&self, name: &str) -> Result<PlanRecord, ServeError> {
+        self.service
+            .index()
+            .plan(name)
+            .map_err(|e| ServeError::Internal(e.to_string()))?
+            .ok_or_else(|| {
+                ServeError::NoSuchObject(format!(
+                    "name: no stored plan named {name:?} (see ListPlans)"
+                ))
+            })
+    }
+
+    /// The tensor file `hash` from the stored plans, if one of them has it.
+    fn stored_tensors(&self, hash: &str) -> Result<Option<TensorMap>, ServeError> {
+        let index = self.service.index();
+        let file = format!("{hash}.safetensors");
+        let internal = |e: &dyn std::fmt::Display| ServeError::Internal(e.to_string());
+        for plan in index.plans().map_err(|e| internal(&e))? {
+            if let Some(blob) = plan.tensors.get(&file) {
+                let bytes = index.blob(blob).map_err(|e| internal(&e))?;
+                let tensors =
+                    parse_tensor_file(Path::new(&file), &bytes, hash).map_err(|e| internal(&e))?;
+                return Ok(Some(tensors));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Stores the plan file at `path` (and its tensor file next to it) as `name`
+    /// (privileged). Its experts must be in the current library with the hashes it names.
+    pub async fn save_plan(
+        &self,
+        caller: &Caller,
+        name: &str,
+        path: &str,
+    ) -> Result<PlanRecord, ServeError> {
+        rights::check(caller, self.daemon_uid, Privileged::SavePlan)?;
+        check_plan_name(name)?;
+        let path = absolute_file("path", path)?;
+        let body = std::fs::read_to_string(&path)
+            .map_err(|e| ServeError::invalid("path", format!("{}: {e}", path.display())))?;
+        let plan = Plan::from_json(&body)
+            .map_err(|e| ServeError::invalid("path", format!("{}: {e}", path.display())))?;
+        let tensors = match &plan.tensors {
+            Some(hash) => {
+                let dir = path.parent().unwrap_or(Path::new("/"));
+                let file = moerge_library::tensor_file::tensor_file_path(dir, hash);
+                let bytes = std::fs::read(&file)
+                    .map_err(|e| ServeError::invalid("path", format!("{}: {e}", file.display())))?;
+                parse_tensor_file(&file, &bytes, hash)
+                    .map_err(|e| ServeError::invalid("path", e.to_string()))?;
+                Some((format!("{hash}.safetensors"), bytes))
+            }
+            None => None,
+        };
+        store_plan(&self.service, name, &plan, &body, tensors)
+    }
+
+    /// Forgets a stored plan (privileged).
+    pub fn remove_plan(&self, caller: &Caller, name: &str) -> Result<(), ServeError> {
+        rights::check(caller, self.daemon_uid, Privileged::RemovePlan)?;
+        let removed = self
+            .service
+            .index()
+            .remove_plan(name)
+            .map_err(|e| ServeError::Internal(e.to_string()))?;
+        if !removed {
+            return Err(ServeError::NoSuchObject(format!(
+                "name: no stored plan named {name:?} (see ListPlans)"
+            )));
+        }
+        Ok(())
+    }
+
+    async fn fuse_parsed(
+        &self,
+        caller: &Caller,
+        plan: Plan,
+        plan_json: String,
+        tensors: TensorMap,
+    ) -> Result<Arc<LoadedModel>, ServeError> {
         self.check_model_limit(caller)?;
         let _permit = self
             .calls
@@ -113,7 +240,7 @@ impl Serving {
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(|e| ServeError::Internal(format!("reopening a pinned expert: {e}")))?;
                 let fused = base
-                    .fuse(&job_plan, &adapters)
+                    .fuse_with(&job_plan, &adapters, &tensors)
                     .map_err(|e| ServeError::from_engine(e, PLAN_ARG))?;
                 Ok((adapters, fused))
             })
@@ -122,7 +249,7 @@ impl Serving {
         self.check_model_limit(caller)?;
         let built = BuiltModel {
             plan,
-            plan_json: plan_json.to_string(),
+            plan_json,
             lease,
             pins,
             adapters,
@@ -156,6 +283,7 @@ impl Serving {
             experts,
             data: None,
             lease: self.lease(),
+            engine: self.engine(),
         };
         let outcome = {
             let _permit = self
@@ -169,7 +297,20 @@ impl Serving {
                 })
                 .await?
         };
-        self.fuse_plan(caller, &outcome.plan_json).await
+        let plan = Plan::from_json(&outcome.plan_json).map_err(|e| {
+            ServeError::PluginFailed(format!(
+                "policy {policy} returned a plan that does not parse: {e}"
+            ))
+        })?;
+        let tensors = match (&plan.tensors, &outcome.tensors) {
+            (Some(hash), Some(bytes)) => {
+                parse_tensor_file(Path::new("fitted tensors"), bytes, hash)
+                    .map_err(|e| ServeError::PluginFailed(format!("policy {policy}: {e}")))?
+            }
+            _ => TensorMap::new(),
+        };
+        self.fuse_parsed(caller, plan, outcome.plan_json, tensors)
+            .await
     }
 
     async fn on_model<T, F>(
@@ -365,29 +506,57 @@ impl Serving {
         params_json: &str,
         experts: Vec<String>,
         data: &str,
+        name: &str,
     ) -> Result<Arc<Job>, ServeError> {
         rights::check(caller, self.daemon_uid, Privileged::Fit)?;
         let runner = self.config.policies.clone().ok_or_else(|| {
             ServeError::NotSupported("Fit: this daemon runs without a policy host".into())
         })?;
-        let data = absolute_file("data", data)?;
+        if !name.is_empty() {
+            check_plan_name(name)?;
+        }
+        let data = absolute_data("data", data)?;
         let request = FitRequest {
             policy: policy.to_string(),
             params_json: params_json.to_string(),
             experts,
             data: Some(data),
             lease: self.lease(),
+            engine: self.engine(),
         };
         let job = self.insert_job(caller, JobKind::Fit)?;
+        let name = if name.is_empty() {
+            format!("{policy}-{}", job.id)
+        } else {
+            name.to_string()
+        };
+        let service = self.service.clone();
         jobs::spawn(job.clone(), move |reporter| {
             let outcome = runner.fit(request, reporter)?;
-            let plan: serde_json::Value =
-                serde_json::from_str(&outcome.plan_json).map_err(|e| {
-                    HookError::Failed(format!("the policy returned a plan that is not JSON: {e}"))
-                })?;
+            let plan = Plan::from_json(&outcome.plan_json).map_err(|e| {
+                HookError::Failed(format!(
+                    "the policy returned a plan that does not parse: {e}"
+                ))
+            })?;
+            let tensors = outcome
+                .tensors
+                .map(|bytes| (plan.tensors_file().unwrap_or_default(), bytes));
+            store_plan(&service, &name, &plan, &outcome.plan_json, tensors)
+                .map_err(|e| HookError::Failed(format!("storing the plan as {name:?}: {e}")))?;
             let result = serde_json::json!({
-                "plan": plan,
-                "tensors": outcome.tensors.as_deref().map(Path::display).map(|d| d.to_string()),
+                "plan_name": name,
+                "plan": serde_json::from_str::<serde_json::Value>(&outcome.plan_json)
+                    .unwrap_or_default(),
+                "valid_loss": outcome.valid_loss,
+                "summary": format!(
+                    "{} over {} experts{}",
+                    request_summary(&plan),
+                    plan.experts.len(),
+                    outcome
+                        .valid_loss
+                        .map(|l| format!(", validation loss {l:.4}"))
+                        .unwrap_or_default()
+                ),
             });
             Ok((result.to_string(), Vec::new()))
         })?;
@@ -412,6 +581,7 @@ impl Serving {
             params_json: params_json.to_string(),
             data,
             lease: self.lease(),
+            engine: self.engine(),
         };
         let job = self.insert_job(caller, JobKind::Select)?;
         jobs::spawn(job.clone(), move |reporter| {
@@ -420,4 +590,85 @@ impl Serving {
         })?;
         Ok(job)
     }
+}
+
+/// Checks `plan`'s experts against the current library and stores it.
+fn store_plan(
+    service: &Service,
+    name: &str,
+    plan: &Plan,
+    body: &str,
+    tensors: Option<(String, Vec<u8>)>,
+) -> Result<PlanRecord, ServeError> {
+    let lease = service.lease();
+    let mut experts = Vec::with_capacity(plan.experts.len());
+    for (i, e) in plan.experts.iter().enumerate() {
+        let record = lease.expert(&e.name).ok_or_else(|| {
+            ServeError::NoSuchExpert(format!(
+                "experts[{i}].name: no expert named {:?} in library generation {}",
+                e.name,
+                lease.generation()
+            ))
+        })?;
+        let hash = record
+            .hash
+            .filter(|h| h.to_string() == e.hash)
+            .ok_or_else(|| {
+                ServeError::invalid(
+                    format!("experts[{i}].hash"),
+                    format!("expert {:?} has other content in the library now", e.name),
+                )
+            })?;
+        experts.push(PlanExpert {
+            name: e.name.clone(),
+            hash,
+        });
+    }
+    let tensors: Vec<(&str, &[u8])> = tensors
+        .iter()
+        .map(|(file, bytes)| (file.as_str(), bytes.as_slice()))
+        .collect();
+    service
+        .index()
+        .put_plan(name, &experts, body, &tensors)
+        .map_err(|e| ServeError::Internal(e.to_string()))
+}
+
+/// A one-line description of what a plan does, for job results.
+fn request_summary(plan: &Plan) -> String {
+    if plan.ensemble.is_some() {
+        "an ensemble".into()
+    } else {
+        match &plan.default {
+            moerge_sdk::plan::ModulePlan::Routed { top_k, .. } => format!("routing (top {top_k})"),
+            moerge_sdk::plan::ModulePlan::Static { .. } => "a static merge".into(),
+            _ => "a plan".into(),
+        }
+    }
+}
+
+/// A stored plan's name: 1 to 128 characters, no `/`, no control characters.
+fn check_plan_name(name: &str) -> Result<(), ServeError> {
+    if name.is_empty() || name.chars().count() > 128 {
+        return Err(ServeError::invalid(
+            "name",
+            "a plan name has 1 to 128 characters",
+        ));
+    }
+    if let Some(c) = name.chars().find(|c| c.is_control() || *c == '/') {
+        return Err(ServeError::invalid(
+            "name",
+            format!("{name:?}: a plan name may not contain {c:?}"),
+        ));
+    }
+    Ok(())
+}
+
+/// An absolute path to a data file or folder.
+fn absolute_data(argument: &str, path: &str) -> Result<PathBuf, ServeError> {
+    let p = PathBuf::from(path);
+    if p.is_dir() && p.is_absolute() {
+        return Ok(p);
+    }
+    absolute_file(argument, path)
 }

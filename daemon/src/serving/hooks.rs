@@ -3,6 +3,9 @@
 //! a [`JobReporter`]. Without them, `Fuse`, `Fit` and `Select` answer "not supported".
 
 use std::path::PathBuf;
+use std::sync::Arc;
+
+use moerge_engine::{BaseModel, TextTokenizer};
 
 use crate::service::Lease;
 
@@ -28,13 +31,30 @@ pub struct FitRequest {
     pub data: Option<PathBuf>,
     /// The library generation the fit runs on.
     pub lease: Lease,
+    /// The serving base model and its tokenizer (shared, not reloaded).
+    pub engine: Engine,
 }
 
-/// What a fit made: a plan, and the safetensors file of its large tensors if it has any.
+/// The loaded base model and tokenizer, shared with the hooks.
+#[derive(Clone)]
+pub struct Engine {
+    pub base: Arc<BaseModel>,
+    pub tokenizer: Arc<TextTokenizer>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Engine")
+    }
+}
+
+/// What a fit made: a plan, the bytes of its tensor file if it has one (named by the plan's
+/// `tensors` hash), and the validation loss when there was validation data.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FitOutcome {
     pub plan_json: String,
-    pub tensors: Option<PathBuf>,
+    pub tensors: Option<Vec<u8>>,
+    pub valid_loss: Option<f64>,
 }
 
 /// What to select.
@@ -43,6 +63,7 @@ pub struct SelectRequest {
     pub params_json: String,
     pub data: PathBuf,
     pub lease: Lease,
+    pub engine: Engine,
 }
 
 /// What a selection found.

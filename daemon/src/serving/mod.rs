@@ -37,7 +37,7 @@ use tokio::sync::broadcast;
 
 pub use error::ServeError;
 pub use hooks::{
-    FitOutcome, FitRequest, HookError, PolicyDescription, PolicyRunner, SelectOutcome,
+    Engine, FitOutcome, FitRequest, HookError, PolicyDescription, PolicyRunner, SelectOutcome,
     SelectRequest, Selector,
 };
 pub use jobs::{Job, JobKind, JobPhase, JobReporter, JobStatus};
@@ -91,6 +91,8 @@ pub struct Serving {
     calls: CallCounter,
     next_id: AtomicU64,
     daemon_uid: u32,
+    /// The active set of the latest selection (see [`Serving::set_active_set`]).
+    active_set: tokio::sync::watch::Sender<Option<Vec<String>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -113,6 +115,7 @@ impl Serving {
             calls: CallCounter::default(),
             next_id: AtomicU64::new(1),
             daemon_uid: rustix::process::getuid().as_raw(),
+            active_set: tokio::sync::watch::channel(None).0,
         })
     }
 
@@ -132,6 +135,14 @@ impl Serving {
     /// The base model's folder name.
     pub fn base_name(&self) -> String {
         self.compute.base.info().name().to_string()
+    }
+
+    /// The loaded base model and tokenizer, for the hooks.
+    pub fn engine(&self) -> hooks::Engine {
+        hooks::Engine {
+            base: self.compute.base.clone(),
+            tokenizer: self.compute.tokenizer.clone(),
+        }
     }
 
     pub fn lease(&self) -> Lease {
@@ -168,6 +179,68 @@ impl Serving {
             .as_ref()
             .map(|p| p.policies())
             .unwrap_or_default()
+    }
+
+    /// Publishes a new active set (from the selection refresher); a set equal to the last
+    /// one is not a change.
+    pub fn set_active_set(&self, active: Vec<String>) {
+        self.active_set.send_if_modified(|current| {
+            let changed = current.as_ref() != Some(&active);
+            *current = Some(active);
+            changed
+        });
+    }
+
+    /// Every change of the active set (what the bus turns into `SelectionChanged`).
+    pub fn watch_active_set(&self) -> tokio::sync::watch::Receiver<Option<Vec<String>>> {
+        self.active_set.subscribe()
+    }
+
+    /// The stored selection, with experts named as in the current library, as JSON; empty
+    /// when there is none.
+    pub fn selection_json(&self) -> String {
+        let lease = self.lease();
+        let name_of = names_by_hash(&lease);
+        let Ok(selections) = self.service.index().selections() else {
+            return String::new();
+        };
+        let Some(s) = selections
+            .into_iter()
+            .find(|s| s.name == crate::selection::ACTIVE_SELECTION)
+        else {
+            return String::new();
+        };
+        let order: Vec<String> = s.order.iter().map(&name_of).collect();
+        serde_json::json!({
+            "order": order,
+            "curve": s.curve,
+            "active": s.active,
+            "active_set": order[..s.active.min(order.len())],
+            "stale": s.stale,
+        })
+        .to_string()
+    }
+
+    /// The stored clustering, with experts named as in the current library, as JSON; empty
+    /// when there is none.
+    pub fn clusters_json(&self) -> String {
+        let lease = self.lease();
+        let name_of = names_by_hash(&lease);
+        let Ok(clusterings) = self.service.index().clusters() else {
+            return String::new();
+        };
+        let Some(c) = clusterings
+            .into_iter()
+            .find(|c| c.name == crate::clustering::CLUSTERING)
+        else {
+            return String::new();
+        };
+        let clusters: Vec<Vec<String>> = c
+            .clusters
+            .iter()
+            .map(|members| members.iter().map(&name_of).collect())
+            .collect();
+        serde_json::json!({"clusters": clusters, "stale": c.stale}).to_string()
     }
 
     pub fn plans(&self) -> Result<Vec<PlanRecord>, ServeError> {
@@ -314,4 +387,15 @@ impl Serving {
         jobs.insert(job.id, job.clone());
         Ok(job)
     }
+}
+
+/// Names experts by content hash as the lease knows them (the hash's short form otherwise:
+/// an expert no longer in the library).
+fn names_by_hash(lease: &Lease) -> impl Fn(&moerge_library::ContentHash) -> String {
+    let names: BTreeMap<moerge_library::ContentHash, String> = lease
+        .experts()
+        .iter()
+        .filter_map(|(name, r)| r.hash.map(|h| (h, name.clone())))
+        .collect();
+    move |h| names.get(h).cloned().unwrap_or_else(|| h.short())
 }

@@ -25,6 +25,8 @@ pub enum Privileged {
     Fit,
     Select,
     ExportPeft,
+    SavePlan,
+    RemovePlan,
 }
 
 impl Privileged {
@@ -35,6 +37,8 @@ impl Privileged {
             Privileged::Fit => "Fit",
             Privileged::Select => "Select",
             Privileged::ExportPeft => "ExportPeft",
+            Privileged::SavePlan => "SavePlan",
+            Privileged::RemovePlan => "RemovePlan",
         }
     }
 }
