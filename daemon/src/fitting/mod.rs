@@ -46,6 +46,11 @@ impl PluginRunner {
     pub fn registry(&self) -> &PolicyRegistry {
         &self.registry
     }
+
+    /// To add single plugin files before serving.
+    pub fn registry_mut(&mut self) -> &mut PolicyRegistry {
+        &mut self.registry
+    }
 }
 
 fn invalid(argument: &str, message: impl Into<String>) -> HookError {
