@@ -131,6 +131,8 @@ impl Model1 {
     ) -> Result<u64> {
         let caller = self.caller(&header, conn).await?;
         let request = convert::generate_request(&options)?;
+        // Checked here too: a stream reports later failures only in its Done signal.
+        request.check().map_err(error)?;
         self.state.serving.check_generate(&request).map_err(error)?;
         let id = STREAM_REQUESTS.fetch_add(1, Ordering::Relaxed);
         let mut emitter = SignalEmitter::new(conn, path_of(&self.model))?.into_owned();
