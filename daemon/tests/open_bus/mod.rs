@@ -362,6 +362,8 @@ pub fn busctl_as_nobody(address: &str, args: &[&str]) -> (bool, String, String) 
 fn busctl_command(mut command: Command, address: &str, args: &[&str]) -> (bool, String, String) {
     let out = command
         .arg(format!("--address={address}"))
+        // Options end here: negative numbers are arguments.
+        .arg("--")
         .args(args)
         .output()
         .expect("busctl runs (apt-get install systemd)");
