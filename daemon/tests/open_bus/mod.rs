@@ -349,9 +349,16 @@ pub fn ok_of(reply: &Value) -> &Value {
         .unwrap_or_else(|| panic!("expected success, got {reply}"))
 }
 
-/// Runs `busctl --address=<address> <args>`; returns (success, stdout, stderr).
+/// Runs `busctl --address=<address> -- <args>`; returns (success, stdout, stderr).
 pub fn busctl(address: &str, args: &[&str]) -> (bool, String, String) {
     busctl_command(Command::new("busctl"), address, args)
+}
+
+/// As [`busctl`], with options (`--json=short`) before the `--`.
+pub fn busctl_with(address: &str, options: &[&str], args: &[&str]) -> (bool, String, String) {
+    let mut command = Command::new("busctl");
+    command.args(options);
+    busctl_command(command, address, args)
 }
 
 /// As [`busctl`], as uid [`NOBODY`].
