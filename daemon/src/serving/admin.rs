@@ -42,18 +42,6 @@ pub(crate) fn add_expert(
     let resolved = source
         .canonicalize()
         .map_err(|e| invalid(format!("{}: {e}", source.display())))?;
-    if resolved.starts_with(library) {
-        let place = if resolved == library {
-            "the library itself"
-        } else {
-            "inside the library"
-        };
-        return Err(invalid(format!(
-            "{} is {place} ({}); AddExpert copies an adapter from outside it",
-            source.display(),
-            library.display()
-        )));
-    }
     if !resolved.is_dir() {
         return Err(invalid(format!("{} is not a folder", source.display())));
     }
@@ -80,6 +68,18 @@ pub(crate) fn add_expert(
     if dest.exists() {
         return Err(invalid(format!(
             "the library already has an expert named {name:?}; remove it first"
+        )));
+    }
+    if resolved.starts_with(library) {
+        let place = if resolved == library {
+            "the library itself"
+        } else {
+            "inside the library"
+        };
+        return Err(invalid(format!(
+            "{} is {place} ({}); AddExpert copies an adapter from outside it",
+            source.display(),
+            library.display()
         )));
     }
     let report = inspect_adapter(&resolved, Some(base));
