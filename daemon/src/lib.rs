@@ -8,7 +8,9 @@
 //! adapter folders through `moerge-library`.
 
 pub mod bus;
+pub mod clustering;
 pub mod index;
+pub mod selection;
 pub mod service;
 pub mod serving;
 pub mod watch;
