@@ -90,6 +90,12 @@ pub(crate) async fn listen(path: &Path, state: Arc<BusState>) -> Result<JoinHand
         }
     }
     let listener = tokio::net::UnixListener::bind(path).map_err(fail)?;
+    // Any local peer may connect (and use models), as on a bus; rights come from the peer's
+    // credentials. To keep others out, put the socket in a folder they cannot enter.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).map_err(fail)?;
+    }
     let counter = AtomicU64::new(1);
     Ok(tokio::spawn(async move {
         loop {

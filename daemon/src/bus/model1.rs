@@ -71,6 +71,23 @@ pub(crate) fn info(model: &LoadedModel) -> ModelInfo {
     }
 }
 
+/// A text as a D-Bus string may carry it: D-Bus strings cannot hold NUL, and a message with
+/// one makes the bus daemon drop the sender's connection, so a token that decodes to NUL
+/// (a byte-level vocabulary has one) goes out as U+FFFD.
+pub(crate) fn wire_text(text: String) -> String {
+    if text.contains('\0') {
+        text.replace('\0', "\u{FFFD}")
+    } else {
+        text
+    }
+}
+
+fn wire_texts(texts: &mut [String]) {
+    for t in texts {
+        *t = wire_text(std::mem::take(t));
+    }
+}
+
 impl Model1 {
     async fn caller(&self, header: &Header<'_>, conn: &Connection) -> Result<Caller> {
         identify(&self.state, header, conn, &self.p2p).await
@@ -95,7 +112,9 @@ impl Model1 {
             .score(&caller, &self.model, prompt, completion)
             .await
             .map_err(error)?;
-        Ok(convert::score(out))
+        let mut out = convert::score(out);
+        wire_texts(&mut out.tokens);
+        Ok(out)
     }
 
     /// Generates text after `prompt`. `options` (a{sv}): max_tokens (u), temperature (d),
@@ -117,6 +136,7 @@ impl Model1 {
             })
             .await
             .map_err(error)
+            .map(wire_text)
     }
 
     /// Like Generate, but returns a request id at once; the text follows as Token signals
@@ -131,6 +151,8 @@ impl Model1 {
     ) -> Result<u64> {
         let caller = self.caller(&header, conn).await?;
         let request = convert::generate_request(&options)?;
+        // Checked here too: a stream reports later failures only in its Done signal.
+        request.check().map_err(error)?;
         self.state.serving.check_generate(&request).map_err(error)?;
         let id = STREAM_REQUESTS.fetch_add(1, Ordering::Relaxed);
         let mut emitter = SignalEmitter::new(conn, path_of(&self.model))?.into_owned();
@@ -155,12 +177,15 @@ impl Model1 {
                     .await
             });
             while let Some(piece) = rx.recv().await {
-                if Model1::token(&emitter, id, &piece).await.is_err() {
+                if Model1::token(&emitter, id, &wire_text(piece))
+                    .await
+                    .is_err()
+                {
                     break;
                 }
             }
             let (text, failure) = match generation.await {
-                Ok(Ok(text)) => (text, String::new()),
+                Ok(Ok(text)) => (wire_text(text), String::new()),
                 Ok(Err(e)) => (String::new(), error(e).to_string()),
                 Err(e) => (String::new(), format!("the generation task failed: {e}")),
             };
@@ -185,7 +210,11 @@ impl Model1 {
             .top_tokens(&caller, &self.model, prompt, k)
             .await
             .map_err(error)?;
-        Ok(convert::top_tokens(top))
+        let mut top = convert::top_tokens(top);
+        for t in &mut top {
+            t.text = wire_text(std::mem::take(&mut t.text));
+        }
+        Ok(top)
     }
 
     /// For each routed module, the weight each expert got for each prompt token (empty for a
@@ -204,7 +233,9 @@ impl Model1 {
             .explain(&caller, &self.model, prompt)
             .await
             .map_err(error)?;
-        Ok(convert::explanation(explanation))
+        let mut explanation = convert::explanation(explanation);
+        wire_texts(&mut explanation.tokens);
+        Ok(explanation)
     }
 
     /// Writes a merge plan's model as a PEFT adapter into the new folder `dir` (absolute);

@@ -38,8 +38,22 @@ pub(crate) fn add_expert(
             source.display()
         )));
     }
-    if !source.is_dir() {
+    // Symbolic links are followed once, here: what is checked below is where they lead.
+    let resolved = source
+        .canonicalize()
+        .map_err(|e| invalid(format!("{}: {e}", source.display())))?;
+    if !resolved.is_dir() {
         return Err(invalid(format!("{} is not a folder", source.display())));
+    }
+    for file in [CONFIG_FILE, WEIGHTS_FILE, METADATA_FILE] {
+        let path = resolved.join(file);
+        // A link to a device or a pipe would make the copy read forever.
+        if std::fs::metadata(&path).is_ok_and(|meta| !meta.is_file()) {
+            return Err(invalid(format!(
+                "{} is not a regular file",
+                source.join(file).display()
+            )));
+        }
     }
     let name = match source.file_name().and_then(|n| n.to_str()) {
         Some(n) if !n.starts_with('.') => n.to_string(),
@@ -56,7 +70,19 @@ pub(crate) fn add_expert(
             "the library already has an expert named {name:?}; remove it first"
         )));
     }
-    let report = inspect_adapter(source, Some(base));
+    if resolved.starts_with(library) {
+        let place = if resolved == library {
+            "the library itself"
+        } else {
+            "inside the library"
+        };
+        return Err(invalid(format!(
+            "{} is {place} ({}); AddExpert copies an adapter from outside it",
+            source.display(),
+            library.display()
+        )));
+    }
+    let report = inspect_adapter(&resolved, Some(base));
     let hash = match (&report.state, report.hash) {
         (AdapterState::Ready, Some(hash)) => hash,
         (AdapterState::Rejected { reason }, _) => return Err(invalid(reason.clone())),
@@ -76,7 +102,7 @@ pub(crate) fn add_expert(
     };
     let staging = staging_dir(library, "add");
     let staged = staging.join(&name);
-    let result = copy_and_check(source, &staged, hash).and_then(|()| {
+    let result = copy_and_check(&resolved, &staged, hash).and_then(|()| {
         std::fs::rename(&staged, &dest).map_err(|e| io_error("cannot move the copy to", &dest, e))
     });
     let _ = std::fs::remove_dir_all(&staging);

@@ -25,6 +25,8 @@ pub struct LoadedModel {
     _pins: Vec<Arc<PinnedAdapter>>,
     adapters: Vec<Adapter>,
     fused: FusedModel,
+    /// The base model's context in tokens (`max_position_embeddings`), when its config says.
+    context: Option<usize>,
     stale: AtomicBool,
 }
 
@@ -75,11 +77,49 @@ fn tokenizer_error(argument: &str, e: moerge_engine::EngineError) -> ServeError 
     ServeError::invalid(argument, e.to_string())
 }
 
+/// No tokenizer we know has a token longer than this many bytes: a text with more than
+/// `context × MAX_TOKEN_BYTES` bytes cannot fit the context, and is refused before the
+/// tokenizer spends time and memory on it.
+pub const MAX_TOKEN_BYTES: usize = 1024;
+
+impl GenerateRequest {
+    /// Checks the sampling settings; errors name the option (`options.temperature`).
+    pub fn check(&self) -> Result<(), ServeError> {
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return Err(ServeError::invalid(
+                "options.temperature",
+                format!(
+                    "must be 0 (greedy) or a positive number, got {}",
+                    self.temperature
+                ),
+            ));
+        }
+        if let Some(p) = self.top_p {
+            if !(p > 0.0 && p <= 1.0) {
+                return Err(ServeError::invalid(
+                    "options.top_p",
+                    format!("must be in (0, 1], got {p}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 impl LoadedModel {
     pub(crate) fn new(id: u64, owner: String, built: BuiltModel) -> LoadedModel {
+        let context = built
+            .fused
+            .base()
+            .info()
+            .config_json()
+            .get("max_position_embeddings")
+            .and_then(|v| v.as_u64())
+            .map(|n| n as usize);
         LoadedModel {
             id,
             owner,
+            context,
             plan: built.plan,
             plan_json: built.plan_json,
             lease: built.lease,
@@ -126,18 +166,61 @@ impl LoadedModel {
         touches && !self.stale.swap(true, Ordering::SeqCst)
     }
 
+    /// The model's context in tokens, when the base's config says.
+    pub fn context(&self) -> Option<usize> {
+        self.context
+    }
+
+    /// Tokenizes `text` (the argument `argument`), refusing a text that cannot fit the
+    /// context before and after tokenizing it.
+    fn encode(
+        &self,
+        tok: &TextTokenizer,
+        argument: &str,
+        text: &str,
+    ) -> Result<Vec<u32>, ServeError> {
+        let Some(context) = self.context else {
+            return tok.encode(text).map_err(|e| tokenizer_error(argument, e));
+        };
+        let too_long = |what: String| {
+            ServeError::invalid(
+                argument,
+                format!("{what} exceed the model's context of {context} tokens"),
+            )
+        };
+        if text.len() > context.saturating_mul(MAX_TOKEN_BYTES) {
+            return Err(too_long(format!(
+                "{} bytes (more than {MAX_TOKEN_BYTES} bytes per token)",
+                text.len()
+            )));
+        }
+        let ids = tok.encode(text).map_err(|e| tokenizer_error(argument, e))?;
+        if ids.len() > context {
+            return Err(too_long(format!("{} tokens", ids.len())));
+        }
+        Ok(ids)
+    }
+
     pub(crate) fn score(
         &self,
         tok: &TextTokenizer,
         prompt: &str,
         completion: &str,
     ) -> Result<ScoreOutput, ServeError> {
-        let p = tok
-            .encode(prompt)
-            .map_err(|e| tokenizer_error("prompt", e))?;
-        let c = tok
-            .encode(completion)
-            .map_err(|e| tokenizer_error("completion", e))?;
+        let p = self.encode(tok, "prompt", prompt)?;
+        let c = self.encode(tok, "completion", completion)?;
+        if let Some(context) = self.context {
+            if p.len() + c.len() > context {
+                return Err(ServeError::invalid(
+                    "completion",
+                    format!(
+                        "the prompt ({} tokens) and the completion ({} tokens) together exceed the model's context of {context} tokens",
+                        p.len(),
+                        c.len()
+                    ),
+                ));
+            }
+        }
         let score = inference::score(&self.fused, &p, &c)
             .map_err(|e| ServeError::from_engine(e, "plan"))?;
         Ok(ScoreOutput {
@@ -153,9 +236,7 @@ impl LoadedModel {
         prompt: &str,
         k: usize,
     ) -> Result<Vec<(u32, String, f32)>, ServeError> {
-        let p = tok
-            .encode(prompt)
-            .map_err(|e| tokenizer_error("prompt", e))?;
+        let p = self.encode(tok, "prompt", prompt)?;
         let top = inference::top_tokens(&self.fused, &p, k)
             .map_err(|e| ServeError::from_engine(e, "plan"))?;
         Ok(top
@@ -174,12 +255,25 @@ impl LoadedModel {
         request: &GenerateRequest,
         mut on_text: impl FnMut(&str) -> ControlFlow<()>,
     ) -> Result<String, ServeError> {
-        let p = tok
-            .encode(prompt)
-            .map_err(|e| tokenizer_error("prompt", e))?;
+        let p = self.encode(tok, "prompt", prompt)?;
+        request.check()?;
+        let mut max_tokens = request.max_tokens;
+        if let Some(context) = self.context {
+            // Generation ends where the context does: prompt and new tokens fit it.
+            if p.len() >= context {
+                return Err(ServeError::invalid(
+                    "prompt",
+                    format!(
+                        "{} tokens leave no room to generate in the model's context of {context} tokens",
+                        p.len()
+                    ),
+                ));
+            }
+            max_tokens = max_tokens.min(context - p.len());
+        }
         let defaults = inference::GenerateOptions::default();
         let opts = inference::GenerateOptions {
-            max_tokens: request.max_tokens,
+            max_tokens,
             temperature: request.temperature,
             top_p: request.top_p,
             seed: request.seed.unwrap_or(defaults.seed),
@@ -240,9 +334,7 @@ impl LoadedModel {
         tok: &TextTokenizer,
         prompt: &str,
     ) -> Result<RoutingExplanation, ServeError> {
-        let p = tok
-            .encode(prompt)
-            .map_err(|e| tokenizer_error("prompt", e))?;
+        let p = self.encode(tok, "prompt", prompt)?;
         let modules = routing::explain(&self.fused, &p)
             .map_err(|e| ServeError::from_engine(e, "plan"))?
             .into_iter()
