@@ -9,6 +9,7 @@
 
 pub mod bus;
 pub mod index;
+pub mod selection;
 pub mod service;
 pub mod serving;
 pub mod watch;
