@@ -17,8 +17,8 @@ use crate::args::{FitArgs, SelectArgs};
 use crate::exit::{invalid, Cancelled, DaemonError};
 
 /// How a job ended well: its result (JSON).
-struct Finished {
-    result: String,
+pub(crate) struct Finished {
+    pub result: String,
 }
 
 /// What the job's properties say now.
@@ -48,13 +48,29 @@ impl Seen {
     }
 }
 
-/// Follows the job at `path` to its end. Ctrl-C asks the daemon to cancel it (a second
-/// Ctrl-C leaves at once); the job is released once it has ended.
-async fn follow(
+/// A progress bar for a job (hidden when `quiet`), fed by [`follow`]'s reports.
+fn job_bar(quiet: bool) -> ProgressBar {
+    let bar = if quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(1000)
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {percent:>3}% {msg}")
+            .expect("a valid template"),
+    );
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
+/// Follows the job at `path` to its end, reporting its progress (0 to 1) and message as
+/// they change. Ctrl-C asks the daemon to cancel it (a second Ctrl-C leaves at once); the
+/// job is released once it has ended.
+pub(crate) async fn follow(
     session: &Session,
     path: OwnedObjectPath,
     what: &str,
-    quiet: bool,
+    report: &dyn Fn(f64, &str),
 ) -> Result<Finished> {
     let job = Job1Proxy::builder(&session.conn)
         .path(path.clone())
@@ -73,23 +89,12 @@ async fn follow(
     let mut seen = Seen::default();
     seen.update_all(&properties.get_all(interface.clone()).await?);
 
-    let bar = if quiet {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(1000)
-    };
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {percent:>3}% {msg}")
-            .expect("a valid template"),
-    );
-    bar.enable_steady_tick(Duration::from_millis(200));
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut cancelling = false;
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
     loop {
-        bar.set_position((seen.progress.clamp(0.0, 1.0) * 1000.0) as u64);
-        bar.set_message(seen.message.clone());
+        report(seen.progress, &seen.message);
         if seen.state.is_some_and(JobState::is_final) {
             break;
         }
@@ -103,19 +108,17 @@ async fn follow(
             _ = tick.tick() => seen.update_all(&properties.get_all(interface.clone()).await?),
             _ = &mut ctrl_c => {
                 if cancelling {
-                    bar.finish_and_clear();
                     return Err(anyhow::Error::new(Cancelled(format!(
                         "left the {what} at {path} (it ends with this connection)"
                     ))));
                 }
                 cancelling = true;
-                bar.println(format!("cancelling the {what} (Ctrl-C again to leave now)"));
+                eprintln!("\ncancelling the {what} (Ctrl-C again to leave now)");
                 job.cancel().await.map_err(DaemonError::from)?;
                 ctrl_c.set(tokio::signal::ctrl_c());
             }
         }
     }
-    bar.finish_and_clear();
     let state = seen.state;
     // A finished job's result has been read; forget it in the daemon.
     let _ = job.release().await;
@@ -129,6 +132,11 @@ async fn follow(
         Some(JobState::Failed) => anyhow::bail!("the {what} failed: {}", seen.message),
         _ => anyhow::bail!("the daemon dropped the {what} job before it ended"),
     }
+}
+
+fn show(bar: &ProgressBar, progress: f64, message: &str) {
+    bar.set_position((progress.clamp(0.0, 1.0) * 1000.0) as u64);
+    bar.set_message(message.to_string());
 }
 
 pub async fn fit(args: &FitArgs) -> Result<()> {
@@ -155,7 +163,10 @@ pub async fn fit(args: &FitArgs) -> Result<()> {
     .await
     .map_err(DaemonError::from)
     .with_context(|| format!("--policy {}", args.policy))?;
-    let finished = follow(&session, path, "fit", args.json).await?;
+    let bar = job_bar(args.json);
+    let finished = follow(&session, path, "fit", &|p, m| show(&bar, p, m)).await;
+    bar.finish_and_clear();
+    let finished = finished?;
     let result: serde_json::Value = serde_json::from_str(&finished.result)
         .with_context(|| format!("the fit's result is not JSON: {}", finished.result))?;
     if args.json {
@@ -185,7 +196,10 @@ pub async fn select(args: &SelectArgs) -> Result<()> {
         .await
         .map_err(DaemonError::from)
         .context("select")?;
-    let finished = follow(&session, path, "selection", args.common.json).await?;
+    let bar = job_bar(args.common.json);
+    let finished = follow(&session, path, "selection", &|p, m| show(&bar, p, m)).await;
+    bar.finish_and_clear();
+    let finished = finished?;
     let result: serde_json::Value = serde_json::from_str(&finished.result)
         .unwrap_or(serde_json::Value::String(finished.result));
     if args.common.json {
