@@ -46,6 +46,17 @@ impl From<MoergeError> for DaemonError {
 impl fmt::Display for DaemonError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.kind {
+            ErrorKind::ZBus
+                if self
+                    .message
+                    .contains("org.freedesktop.DBus.Error.UnknownMethod") =>
+            {
+                write!(
+                    f,
+                    "this moerged does not have that method (is it older than this moerge?): {}",
+                    self.message
+                )
+            }
             ErrorKind::ZBus => write!(f, "D-Bus: {}", self.message),
             ErrorKind::NotSupported => write!(f, "not supported by this daemon: {}", self.message),
             ErrorKind::Internal => write!(f, "the daemon failed: {}", self.message),
