@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use futures_util::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use moerge_bus::{Job1Proxy, JobState, JOB_INTERFACE, WELL_KNOWN_NAME};
+use tokio::signal::unix::{signal, SignalKind};
 use zbus::{OwnedObjectPath, OwnedVariant, Variant};
 
 use super::connect::{connect, Session};
@@ -91,8 +92,9 @@ pub(crate) async fn follow(
 
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut cancelling = false;
-    let ctrl_c = tokio::signal::ctrl_c();
-    tokio::pin!(ctrl_c);
+    // Registered now (not at the first poll), so a Ctrl-C from here on cancels the job.
+    let mut interrupts = signal(SignalKind::interrupt()).context("cannot watch for Ctrl-C")?;
+    eprintln!("{what} job {path} started; Ctrl-C cancels it");
     loop {
         report(seen.progress, &seen.message);
         if seen.state.is_some_and(JobState::is_final) {
@@ -106,7 +108,7 @@ pub(crate) async fn follow(
             }
             // A safety net: the whole state once a second, whatever the signals did.
             _ = tick.tick() => seen.update_all(&properties.get_all(interface.clone()).await?),
-            _ = &mut ctrl_c => {
+            _ = interrupts.recv() => {
                 if cancelling {
                     return Err(anyhow::Error::new(Cancelled(format!(
                         "left the {what} at {path} (it ends with this connection)"
@@ -115,7 +117,6 @@ pub(crate) async fn follow(
                 cancelling = true;
                 eprintln!("\ncancelling the {what} (Ctrl-C again to leave now)");
                 job.cancel().await.map_err(DaemonError::from)?;
-                ctrl_c.set(tokio::signal::ctrl_c());
             }
         }
     }
