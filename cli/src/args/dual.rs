@@ -172,15 +172,15 @@ pub struct PoliciesArgs {
     #[command(subcommand)]
     pub command: Option<PoliciesCommand>,
     /// List the plugins found on this machine (offline) instead of asking the daemon.
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub local: bool,
     /// Also look for plugins in this folder (repeatable); implies --local.
-    #[arg(long = "policy-dir")]
+    #[arg(long = "policy-dir", global = true)]
     pub policy_dir: Vec<PathBuf>,
     #[command(flatten)]
     pub connect: ConnectArgs,
     /// Print JSON instead of a list.
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub json: bool,
 }
 
