@@ -8,6 +8,7 @@
 //! adapter folders through `moerge-library`.
 
 pub mod bus;
+pub mod clustering;
 pub mod index;
 pub mod selection;
 pub mod service;

@@ -196,3 +196,98 @@ fn adding_an_expert_evaluates_one_row_and_rows_match_the_generator() {
         .collect();
     assert_eq!(stored.order, want);
 }
+
+/// Counts its rows; `Send`, for the refresher thread.
+struct Shared {
+    inner: EngineRows,
+    calls: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl RowEvaluator for Shared {
+    fn evaluate(&self, dir: &Path, data: &EvalData) -> Result<BTreeMap<String, f64>, String> {
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.evaluate(dir, data)
+    }
+}
+
+#[test]
+fn the_refresher_reselects_and_reclusters_after_each_library_change() {
+    let tmp = tempfile::tempdir().unwrap();
+    let library = tmp.path().join("library");
+    std::fs::create_dir_all(&library).unwrap();
+    for name in ["reverse", "upper"] {
+        copy_expert(name, &library);
+    }
+    let mut config = ServiceConfig::new(
+        library.clone(),
+        tiny().join("base"),
+        tmp.path().join("state"),
+    );
+    config.debounce = Duration::from_millis(50);
+    let service = Arc::new(Service::start(config).unwrap());
+    wait_ready(&service, &["reverse", "upper"]);
+
+    let records: Vec<_> = read_jsonl(&tiny().join("data/valid.jsonl"))
+        .unwrap()
+        .into_iter()
+        .filter(|r| ["reverse", "upper", "rot13"].contains(&r.task.as_deref().unwrap()))
+        .collect();
+    let data = EvalData::new("valid", records).unwrap();
+    let base = Arc::new(BaseModel::load_dir(&tiny().join("base"), Precision::F32).unwrap());
+    let tok = TextTokenizer::from_dir(&tiny().join("base")).unwrap();
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let evaluator = Shared {
+        inner: EngineRows::new(base, &tok, &data).unwrap(),
+        calls: calls.clone(),
+    };
+    let auto = selection::AutoRefresh::start(
+        service.clone(),
+        data,
+        Box::new(evaluator),
+        selection::DEFAULT_TOLERANCE,
+        Default::default(),
+    )
+    .unwrap();
+    let mut rx = auto.subscribe();
+    type Latest = tokio::sync::watch::Receiver<Option<Arc<selection::Refresh>>>;
+    let next = |rx: &mut Latest, after: u64| -> Arc<selection::Refresh> {
+        let deadline = Instant::now() + Duration::from_secs(120); // a hang guard only
+        loop {
+            let seen: Option<Arc<selection::Refresh>> = rx.borrow_and_update().clone();
+            if let Some(r) = seen.filter(|r| r.generation > after) {
+                return r;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no refresh after generation {after}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let first = next(&mut rx, 0);
+    let report = first.selection.as_ref().unwrap();
+    assert_eq!(report.evaluated, ["reverse", "upper"]);
+    assert_eq!(
+        first.clustering.as_ref().unwrap().experts,
+        ["reverse", "upper"]
+    );
+
+    copy_expert("rot13", &library);
+    let second = next(&mut rx, first.generation);
+    let second = if second.selection.as_ref().unwrap().selection.order.len() < 3 {
+        next(&mut rx, second.generation) // the copy was seen in two steps
+    } else {
+        second
+    };
+    let report = second.selection.as_ref().unwrap();
+    assert_eq!(report.evaluated, ["rot13"]);
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 3);
+    let mut active = second.active_set().unwrap().to_vec();
+    active.sort();
+    assert_eq!(
+        active,
+        ["reverse", "rot13", "upper"],
+        "each is its task's best"
+    );
+    assert_eq!(second.clustering.as_ref().unwrap().experts.len(), 3);
+}

@@ -209,8 +209,9 @@ fn restarts_reconcile_offline_changes_and_reuse_cached_work() {
             other => panic!("a sketch is big enough for a blob: {other:?}"),
         };
     }
-    // "new" differs from rot13 by its alpha only: same factors, same sketch, one blob.
-    assert_eq!(referenced.len(), 4);
+    // "new" differs from rot13 by its alpha only: its update, and so its sketch, is scaled;
+    // every expert has a blob of its own.
+    assert_eq!(referenced.len(), 5);
     let blobs: std::collections::BTreeSet<_> =
         service.index().blob_files().unwrap().into_iter().collect();
     assert_eq!(

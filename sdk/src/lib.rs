@@ -56,6 +56,7 @@
 
 pub mod abi;
 mod checks;
+pub mod cluster;
 pub mod linalg;
 pub mod optimize;
 pub mod params;

@@ -158,6 +158,7 @@ mod tests {
     }
 
     /// Mean over tasks of the best loss among `subset` (plain loops, no shared code).
+    #[allow(clippy::needless_range_loop)] // a plain loop on purpose
     fn value_of(m: &LossMatrix, subset: &[usize]) -> f64 {
         let rows: Vec<&Vec<f64>> = m.rows.values().collect();
         let mut total = 0.0;

@@ -6,6 +6,7 @@
 //! Layering: this module sits beside `serving` (it uses the engine through
 //! [`EngineRows`] and the index through its API), and knows nothing about D-Bus.
 
+mod auto;
 mod engine_rows;
 pub mod greedy;
 mod matrix;
@@ -14,6 +15,7 @@ use std::path::Path;
 
 use moerge_library::records::{read_jsonl, DataError};
 
+pub use auto::{AutoRefresh, Refresh};
 pub use engine_rows::EngineRows;
 pub use greedy::{select, LossMatrix, Selection, SelectionError};
 pub use matrix::{refresh, EvalData, MatrixError, Refreshed, RowEvaluator};
