@@ -1,11 +1,17 @@
-//! `moerge`: the command-line front end. Parsing lives in `args`, each command in `commands`;
-//! this file only wires them together and turns errors into an exit code.
+//! `moerge`: the command-line front end. Parsing lives in `args`, the offline commands in
+//! `commands`, the daemon front end in `remote`, the demo in `demo`; this file only wires
+//! them together and turns errors into a message and an exit code (see `exit`).
 
 mod args;
 mod commands;
+mod demo;
+mod exit;
+mod remote;
 
 use std::process::ExitCode;
 
+use anyhow::Result;
+use args::{Command, PoliciesCommand};
 use clap::Parser;
 
 // glibc's allocator hands large tensor buffers back to the kernel between ops; the page
@@ -18,27 +24,62 @@ fn main() -> ExitCode {
     moerge_engine::prefer_data_parallelism();
     let cli = args::Cli::parse();
     init_tracing(cli.verbose);
-    let result = match cli.command {
-        args::Command::Inspect(a) => commands::inspect::run(&a),
-        args::Command::Logits(a) => commands::model::logits(&a),
-        args::Command::Score(a) => commands::model::score(&a),
-        args::Command::Generate(a) => commands::model::generate(&a),
-        args::Command::Train(a) => commands::train::train(&a),
-        args::Command::Eval(a) => commands::train::eval(&a),
-        args::Command::Plan(args::PlanCommand::Merge(a)) => commands::plan::merge(&a),
-        args::Command::Plan(args::PlanCommand::Arrow(a)) => commands::plan::arrow(&a),
-        args::Command::Plan(args::PlanCommand::Ensemble(a)) => commands::plan::ensemble(&a),
-        args::Command::Policies(a) => commands::policies::list(&a),
-        args::Command::Fit(a) => commands::policies::fit(&a),
-        args::Command::Explain(a) => commands::explain::explain(&a),
-        args::Command::Export(a) => commands::plan::export(&a),
-    };
-    match result {
+    match dispatch(cli.command) {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("error: {err:#}");
-            ExitCode::FAILURE
+            eprintln!("moerge: {err:#}");
+            ExitCode::from(exit::code(&err))
         }
+    }
+}
+
+fn dispatch(command: Command) -> Result<ExitCode> {
+    use commands::*;
+    match command {
+        Command::Demo(a) => demo::run(&a),
+        Command::Status(a) => remote::run(remote::library::status(&a)),
+        Command::Experts(c) => remote::run(remote::library::experts(&c)),
+        Command::Plans(a) => remote::run(remote::library::plans(&a)),
+        Command::Fuse(a) => remote::run(remote::use_model::fuse_check(&a)),
+        Command::Select(a) => remote::run(remote::jobs::select(&a)),
+        Command::Inspect(a) => inspect::run(&a),
+        Command::Logits(a) => model::logits(&a),
+        Command::Score(a) => match a.model.local() {
+            Some(local) => model::score(&a, &local),
+            None => remote::run(remote::use_model::score(&a)),
+        },
+        Command::Generate(a) => match a.model.local() {
+            Some(local) => model::generate(&a, &local),
+            None => remote::run(remote::use_model::generate(&a)),
+        },
+        Command::Explain(a) => match a.model.local() {
+            Some(local) => explain::explain(&a, &local),
+            None => remote::run(remote::use_model::explain(&a)),
+        },
+        Command::Eval(a) => match a.model.local() {
+            Some(local) => train::eval(&a, &local),
+            None => remote::run(remote::use_model::eval(&a)),
+        },
+        Command::Export(a) => match &a.library {
+            Some(_) => plan::export(&a),
+            None => remote::run(remote::use_model::export(&a)),
+        },
+        Command::Fit(a) => match (&a.base, &a.library) {
+            (None, None) => remote::run(remote::jobs::fit(&a)),
+            _ => policies::fit(&a),
+        },
+        Command::Policies(a) if a.local || !a.policy_dir.is_empty() => policies::list(&a),
+        Command::Policies(a) => {
+            let only = a
+                .command
+                .as_ref()
+                .map(|PoliciesCommand::Show { name }| name.as_str());
+            remote::run(remote::library::policies(&a.connect, only, a.json))
+        }
+        Command::Train(a) => train::train(&a),
+        Command::Plan(args::PlanCommand::Merge(a)) => plan::merge(&a),
+        Command::Plan(args::PlanCommand::Arrow(a)) => plan::arrow(&a),
+        Command::Plan(args::PlanCommand::Ensemble(a)) => plan::ensemble(&a),
     }
 }
 

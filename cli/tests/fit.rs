@@ -56,7 +56,7 @@ fn subset(file: &Path, tasks: &[&str], n: usize, out: &Path) {
 
 #[test]
 fn policies_are_listed_and_a_fitted_router_beats_the_uniform_merge() {
-    let listed = stdout_json(moerge(&["policies", "--json"]), "policies");
+    let listed = stdout_json(moerge(&["policies", "--local", "--json"]), "policies");
     let names: Vec<&str> = listed
         .as_array()
         .unwrap()

@@ -7,7 +7,7 @@ use anyhow::Result;
 use moerge_engine::routing::{self, ModuleRouting};
 use serde::Serialize;
 
-use crate::args::ExplainArgs;
+use crate::args::{ExplainArgs, LocalModelArgs};
 use crate::commands::model::{load, Loaded};
 
 #[derive(Serialize)]
@@ -16,20 +16,30 @@ struct Explanation {
     modules: Vec<ModuleRouting>,
 }
 
-pub fn explain(args: &ExplainArgs) -> Result<ExitCode> {
+pub fn explain(args: &ExplainArgs, local: &LocalModelArgs) -> Result<ExitCode> {
     let Loaded {
         model,
         tokenizer,
         worker,
-    } = load(&args.model)?;
+    } = load(local)?;
     let ids = tokenizer.encode(&args.prompt)?;
     let tokens = ids
         .iter()
         .map(|&id| tokenizer.decode(&[id]))
         .collect::<Result<Vec<_>, _>>()?;
-    let mut modules = worker
+    let modules = worker
         .submit(move || routing::explain(&model, &ids))
         .wait()?;
+    print(args, tokens, modules)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints routing decisions as `explain` does: JSON, or a table per token and layer.
+pub(crate) fn print(
+    args: &ExplainArgs,
+    tokens: Vec<String>,
+    mut modules: Vec<ModuleRouting>,
+) -> Result<()> {
     if let Some(wanted) = &args.module {
         modules.retain(|m| &m.module == wanted);
         if modules.is_empty() {
@@ -41,14 +51,14 @@ pub fn explain(args: &ExplainArgs) -> Result<ExitCode> {
             "{}",
             serde_json::to_string_pretty(&Explanation { tokens, modules })?
         );
-        return Ok(ExitCode::SUCCESS);
+        return Ok(());
     }
     if modules.is_empty() {
         println!("the plan routes no module: every token uses the same static weights");
-        return Ok(ExitCode::SUCCESS);
+        return Ok(());
     }
     print_table(&tokens, &modules, args.top);
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }
 
 /// The layer a module path belongs to (`model.layers.3.mlp.fc1` → `layer 3`), or the path.

@@ -16,7 +16,7 @@ use moerge_library::source::{self, HubSettings, ModelKind};
 use moerge_library::Adapter;
 use serde::Serialize;
 
-use crate::args::{GenerateArgs, LogitsArgs, ModelArgs, PrecisionArg, ScoreArgs};
+use crate::args::{GenerateArgs, LocalModelArgs, LogitsArgs, PrecisionArg, ScoreArgs};
 
 /// A model ready to run, with its tokenizer and a compute thread.
 pub(crate) struct Loaded {
@@ -26,7 +26,7 @@ pub(crate) struct Loaded {
 }
 
 /// Resolves the folders (or hub ids), loads the base and attaches the adapter.
-pub(crate) fn load(args: &ModelArgs) -> Result<Loaded> {
+pub(crate) fn load(args: &LocalModelArgs) -> Result<Loaded> {
     let hub = HubSettings::from_env();
     let base_dir = source::resolve(&args.base, ModelKind::Base, &hub)
         .with_context(|| format!("--base {}", args.base))?;
@@ -105,12 +105,12 @@ struct TokenScore {
     nll: f32,
 }
 
-pub fn score(args: &ScoreArgs) -> Result<ExitCode> {
+pub fn score(args: &ScoreArgs, local: &LocalModelArgs) -> Result<ExitCode> {
     let Loaded {
         model,
         tokenizer,
         worker,
-    } = load(&args.model)?;
+    } = load(local)?;
     let prompt = tokenizer.encode(&args.prompt)?;
     let completion = tokenizer.encode(&args.completion)?;
     let prompt_tokens = prompt.len();
@@ -146,12 +146,12 @@ pub fn score(args: &ScoreArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn generate(args: &GenerateArgs) -> Result<ExitCode> {
+pub fn generate(args: &GenerateArgs, local: &LocalModelArgs) -> Result<ExitCode> {
     let Loaded {
         model,
         tokenizer,
         worker,
-    } = load(&args.model)?;
+    } = load(local)?;
     let prompt = tokenizer.encode(&args.prompt)?;
     let opts = inference::GenerateOptions {
         max_tokens: args.max_tokens,
@@ -172,24 +172,34 @@ pub fn generate(args: &GenerateArgs) -> Result<ExitCode> {
     });
     let mut decoder = StreamDecoder::new(&tokenizer);
     let mut text = String::new();
+    let mut shown = 0;
     let mut stdout = std::io::stdout().lock();
-    'tokens: for id in rx.iter() {
+    for id in rx.iter() {
         if let Some(piece) = decoder.push(id)? {
             let before = text.len();
             text.push_str(&piece);
             // Cut at the earliest stop string that this piece completed.
-            if let Some(end) = stop_end(&text, before, &args.stop) {
-                stdout.write_all(&text.as_bytes()[before..end])?;
-                stdout.flush()?;
-                break 'tokens;
+            let stop = stop_end(&text, before, &args.stop);
+            if let Some(end) = stop {
+                text.truncate(end);
             }
-            stdout.write_all(piece.as_bytes())?;
-            stdout.flush()?;
+            if !args.json {
+                stdout.write_all(&text.as_bytes()[shown..])?;
+                stdout.flush()?;
+                shown = text.len();
+            }
+            if stop.is_some() {
+                break;
+            }
         }
     }
     drop(rx);
     done.wait()?;
-    writeln!(stdout)?;
+    if args.json {
+        writeln!(stdout, "{}", serde_json::json!({ "text": text }))?;
+    } else {
+        writeln!(stdout)?;
+    }
     Ok(ExitCode::SUCCESS)
 }
 

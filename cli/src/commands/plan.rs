@@ -185,8 +185,11 @@ pub fn merge(args: &PlanMergeArgs) -> Result<ExitCode> {
 }
 
 pub fn export(args: &ExportArgs) -> Result<ExitCode> {
-    let inputs = read_with_experts(&args.library, &args.plan)?;
-    if let Some(config) = arrow_export(&inputs, &args.library)? {
+    let (Some(library), Some(plan)) = (&args.library, &args.plan) else {
+        crate::exit::invalid!("exporting offline needs --library and --plan");
+    };
+    let inputs = read_with_experts(library, plan)?;
+    if let Some(config) = arrow_export(&inputs, library)? {
         if args.out.exists() {
             bail!(
                 "--out {}: already exists; choose a new folder",

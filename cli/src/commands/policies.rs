@@ -121,6 +121,9 @@ struct FitReport {
 }
 
 pub fn fit(args: &FitArgs) -> Result<ExitCode> {
+    let (Some(base), Some(library), Some(out)) = (&args.base, &args.library, &args.out) else {
+        crate::exit::invalid!("fitting offline needs --base, --library and --out");
+    };
     let registry = registry(&args.policy_dir);
     let Some(policy) = registry.get(&args.policy) else {
         let known: Vec<&str> = registry.policies().iter().map(|p| p.name()).collect();
@@ -138,9 +141,9 @@ pub fn fit(args: &FitArgs) -> Result<ExitCode> {
             None => bail!("--param {kv}: expected KEY=VALUE"),
         })
         .collect::<Result<_>>()?;
-    let base_dir = source::resolve(&args.base, ModelKind::Base, &HubSettings::from_env())
-        .with_context(|| format!("--base {}", args.base))?;
-    let (adapters, metadata) = load_experts(&args.library, args.experts.as_deref())?;
+    let base_dir = source::resolve(base, ModelKind::Base, &HubSettings::from_env())
+        .with_context(|| format!("--base {base}"))?;
+    let (adapters, metadata) = load_experts(library, args.experts.as_deref())?;
     let read =
         |p: &Option<std::path::PathBuf>, flag: &str| -> Result<Vec<moerge_sdk::policy::Record>> {
             match p {
@@ -172,7 +175,7 @@ pub fn fit(args: &FitArgs) -> Result<ExitCode> {
             .expect("a valid template"),
     );
     let policy_name = policy.name().to_string();
-    let out = args.out.clone();
+    let out = out.clone();
     let bar2 = bar.clone();
     let policy_path = policy.path().to_path_buf();
     // The fit blocks in the host's services (training), so it gets a thread of its own.

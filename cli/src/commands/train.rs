@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::ops::ControlFlow;
+use std::path::Path;
 use std::process::ExitCode;
 use std::sync::mpsc;
 use std::time::Instant;
@@ -14,7 +15,7 @@ use moerge_library::records::{self, Record};
 use moerge_library::source::{self, HubSettings, ModelKind};
 use serde::Serialize;
 
-use crate::args::{EvalArgs, TrainArgs};
+use crate::args::{EvalArgs, LocalModelArgs, TrainArgs};
 use crate::commands::model;
 
 fn tokenize(tokenizer: &TextTokenizer, records: &[Record]) -> Result<Vec<Example>> {
@@ -133,57 +134,69 @@ pub fn train(args: &TrainArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-#[derive(Serialize)]
-struct EvalReport {
-    tasks: BTreeMap<String, TaskLoss>,
-    mean_over_tasks: f64,
-    standard_error: f64,
+#[derive(Debug, Serialize)]
+pub(crate) struct EvalReport {
+    pub tasks: BTreeMap<String, TaskLoss>,
+    pub mean_over_tasks: f64,
+    pub standard_error: f64,
 }
 
-#[derive(Serialize)]
-struct TaskLoss {
-    mean_loss: f64,
-    examples: usize,
+#[derive(Debug, Serialize)]
+pub(crate) struct TaskLoss {
+    pub mean_loss: f64,
+    pub examples: usize,
 }
 
-pub fn eval(args: &EvalArgs) -> Result<ExitCode> {
-    let records = records::read_jsonl(&args.data).context("--data")?;
-    if let Some(i) = records.iter().position(|r| r.task.is_none()) {
-        bail!(
-            "--data {}: record {} has no \"task\"; per-task reports need one on every record",
-            args.data.display(),
-            i + 1
-        );
-    }
+pub fn eval(args: &EvalArgs, local: &LocalModelArgs) -> Result<ExitCode> {
+    let records = read_eval_records(&args.data)?;
     let model::Loaded {
         model,
         tokenizer,
         worker,
-    } = model::load(&args.model)?;
+    } = model::load(local)?;
     let data = tokenize(&tokenizer, &records)?;
     let report = run_eval(&worker, model, data)?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        let width = report
-            .tasks
-            .keys()
-            .map(String::len)
-            .max()
-            .unwrap_or(4)
-            .max(4);
-        println!("{:<width$}  {:>9}  {:>8}", "task", "mean loss", "examples");
-        for (task, t) in &report.tasks {
-            println!("{task:<width$}  {:>9.4}  {:>8}", t.mean_loss, t.examples);
-        }
-        println!(
-            "\nmean over {} tasks: {:.4} ± {:.4} (standard error)",
-            report.tasks.len(),
-            report.mean_over_tasks,
-            report.standard_error
+    print_eval(&report, args.json)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The records of an eval data file, each with a task.
+pub(crate) fn read_eval_records(path: &Path) -> Result<Vec<Record>> {
+    let records = records::read_jsonl(path).context("--data")?;
+    if let Some(i) = records.iter().position(|r| r.task.is_none()) {
+        bail!(
+            "--data {}: record {} has no \"task\"; per-task reports need one on every record",
+            path.display(),
+            i + 1
         );
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(records)
+}
+
+/// Prints an eval report: a table of per-task losses and the mean over tasks, or JSON.
+pub(crate) fn print_eval(report: &EvalReport, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+        return Ok(());
+    }
+    let width = report
+        .tasks
+        .keys()
+        .map(String::len)
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    println!("{:<width$}  {:>9}  {:>8}", "task", "mean loss", "examples");
+    for (task, t) in &report.tasks {
+        println!("{task:<width$}  {:>9.4}  {:>8}", t.mean_loss, t.examples);
+    }
+    println!(
+        "\nmean over {} tasks: {:.4} ± {:.4} (standard error)",
+        report.tasks.len(),
+        report.mean_over_tasks,
+        report.standard_error
+    );
+    Ok(())
 }
 
 fn run_eval(worker: &ComputeWorker, model: FusedModel, data: Vec<Example>) -> Result<EvalReport> {
@@ -193,12 +206,16 @@ fn run_eval(worker: &ComputeWorker, model: FusedModel, data: Vec<Example>) -> Re
             .submit(move || trainer::example_losses(&model, &data, 64))
             .wait()?
     };
+    Ok(eval_report(data.iter().zip(losses).map(
+        |(example, loss)| (example.task.clone().unwrap_or_default(), f64::from(loss)),
+    )))
+}
+
+/// Per-task mean losses, and their mean with its standard error, from (task, loss) pairs.
+pub(crate) fn eval_report(losses: impl IntoIterator<Item = (String, f64)>) -> EvalReport {
     let mut by_task: BTreeMap<String, Vec<f64>> = BTreeMap::new();
-    for (example, loss) in data.iter().zip(losses) {
-        by_task
-            .entry(example.task.clone().unwrap_or_default())
-            .or_default()
-            .push(f64::from(loss));
+    for (task, loss) in losses {
+        by_task.entry(task).or_default().push(loss);
     }
     let tasks: BTreeMap<String, TaskLoss> = by_task
         .into_iter()
@@ -214,15 +231,15 @@ fn run_eval(worker: &ComputeWorker, model: FusedModel, data: Vec<Example>) -> Re
         .collect();
     let means: Vec<f64> = tasks.values().map(|t| t.mean_loss).collect();
     let (mean, se) = mean_and_standard_error(&means);
-    Ok(EvalReport {
+    EvalReport {
         tasks,
         mean_over_tasks: mean,
         standard_error: se,
-    })
+    }
 }
 
 /// Mean and standard error of the mean (sample standard deviation / sqrt(n)).
-fn mean_and_standard_error(values: &[f64]) -> (f64, f64) {
+pub(crate) fn mean_and_standard_error(values: &[f64]) -> (f64, f64) {
     let n = values.len() as f64;
     let mean = values.iter().sum::<f64>() / n;
     if values.len() < 2 {
