@@ -21,7 +21,7 @@ use crate::commands::train::{eval_report, mean_and_standard_error};
 use crate::exit::{Cancelled, DaemonError};
 use crate::remote::connect::{connect, Session};
 use crate::remote::model::Source;
-use crate::remote::{self, jobs, pending};
+use crate::remote::{self, jobs};
 use measure::{FitInfo, Row, Scored};
 
 /// The policies fused directly, with their parameters and a label.
@@ -215,7 +215,10 @@ async fn fit(
     bar.set_message(format!("fitting {policy}"));
     let started = Instant::now();
     let name = format!("demo-{policy}");
-    let path = pending::fit(&session.daemon, policy, params, experts, data, &name)
+    let experts: Vec<&str> = experts.iter().map(String::as_str).collect();
+    let path = session
+        .daemon
+        .fit(policy, params, &experts, data, &name)
         .await
         .map_err(DaemonError::from)
         .with_context(|| format!("fitting {policy}"))?;

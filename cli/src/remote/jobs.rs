@@ -13,7 +13,7 @@ use zbus::{OwnedObjectPath, OwnedVariant, Variant};
 
 use super::connect::{connect, Session};
 use super::output::json;
-use super::{absolute, params_json, pending};
+use super::{absolute, params_json};
 use crate::args::{FitArgs, SelectArgs};
 use crate::exit::{invalid, Cancelled, DaemonError};
 
@@ -120,6 +120,9 @@ pub(crate) async fn follow(
             }
         }
     }
+    // The final state may have come in a signal before the one with the result: read
+    // everything once more now that the job will not change.
+    seen.update_all(&properties.get_all(interface.clone()).await?);
     let state = seen.state;
     // A finished job's result has been read; forget it in the daemon.
     let _ = job.release().await;
@@ -151,19 +154,14 @@ pub async fn fit(args: &FitArgs) -> Result<()> {
     let data = absolute(data, "--data")?;
     let params = params_json(&args.param)?;
     let session = connect(&args.connect).await?;
-    let experts = args.experts.clone().unwrap_or_default();
-    let name = args.name.clone().unwrap_or_default();
-    let path = pending::fit(
-        &session.daemon,
-        &args.policy,
-        &params,
-        &experts,
-        &data,
-        &name,
-    )
-    .await
-    .map_err(DaemonError::from)
-    .with_context(|| format!("--policy {}", args.policy))?;
+    let experts: Vec<&str> = args.experts.iter().flatten().map(String::as_str).collect();
+    let name = args.name.as_deref().unwrap_or_default();
+    let path = session
+        .daemon
+        .fit(&args.policy, &params, &experts, &data, name)
+        .await
+        .map_err(DaemonError::from)
+        .with_context(|| format!("--policy {}", args.policy))?;
     let bar = job_bar(args.json);
     let finished = follow(&session, path, "fit", &|p, m| show(&bar, p, m)).await;
     bar.finish_and_clear();
@@ -174,12 +172,10 @@ pub async fn fit(args: &FitArgs) -> Result<()> {
         return json(&result);
     }
     let plan = result["plan_name"].as_str().unwrap_or("?");
-    match result["valid_loss"].as_f64() {
-        Some(loss) => println!("stored plan {plan} (validation loss {loss:.4})"),
-        None => println!("stored plan {plan}"),
-    }
-    if let Some(summary) = result["summary"].as_str().filter(|s| !s.is_empty()) {
-        println!("  {summary}");
+    match (result["summary"].as_str(), result["valid_loss"].as_f64()) {
+        (Some(summary), _) if !summary.is_empty() => println!("stored plan {plan}: {summary}"),
+        (_, Some(loss)) => println!("stored plan {plan} (validation loss {loss:.4})"),
+        _ => println!("stored plan {plan}"),
     }
     println!(
         "use it with `moerge score --saved {plan} ...` or `moerge eval --saved {plan} --data FILE`"

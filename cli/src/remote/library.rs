@@ -4,9 +4,9 @@ use anyhow::{Context, Result};
 use moerge_bus::{ExpertInfo, ModelInfo, PlanInfo, PolicyInfo};
 use serde::Serialize;
 
+use super::absolute;
 use super::connect::{connect, Session};
 use super::output::{bytes, json, table};
-use super::{absolute, pending};
 use crate::args::{Common, ConnectArgs, ExpertsCommand, PlansArgs, PlansCommand, StatusArgs};
 use crate::exit::DaemonError;
 
@@ -211,7 +211,8 @@ pub async fn plans(args: &PlansArgs) -> Result<()> {
         Some(PlansCommand::Save { name, file, common }) => {
             let Session { daemon, .. } = connect(&common.connect).await?;
             let abs = absolute(file, "FILE")?;
-            let info = pending::save_plan(&daemon, name, &abs)
+            let info = daemon
+                .save_plan(name, &abs)
                 .await
                 .map_err(DaemonError::from)
                 .with_context(|| format!("plans save {name} {abs}"))?;
@@ -228,7 +229,8 @@ pub async fn plans(args: &PlansArgs) -> Result<()> {
         }
         Some(PlansCommand::Remove { name, common }) => {
             let Session { daemon, .. } = connect(&common.connect).await?;
-            pending::remove_plan(&daemon, name)
+            daemon
+                .remove_plan(name)
                 .await
                 .map_err(DaemonError::from)
                 .with_context(|| format!("plans remove {name}"))?;

@@ -7,7 +7,6 @@ pub mod jobs;
 pub mod library;
 pub mod model;
 pub mod output;
-pub mod pending;
 pub mod use_model;
 
 use std::future::Future;

@@ -10,7 +10,7 @@ use moerge_sdk::plan::{ModulePlan, Plan};
 use zbus::OwnedObjectPath;
 
 use super::connect::Session;
-use super::{params_json, pending};
+use super::params_json;
 use crate::args::RemoteModelArgs;
 use crate::exit::{invalid, DaemonError};
 
@@ -87,7 +87,7 @@ pub async fn fuse(session: &Session, source: &Source) -> Result<RemoteModel> {
             daemon.fuse(policy, params_json, &experts).await
         }
         Source::Plan { json, .. } => daemon.fuse_plan(json).await,
-        Source::Saved(name) => pending::fuse_saved(daemon, name).await,
+        Source::Saved(name) => daemon.fuse_saved(name).await,
     }
     .map_err(DaemonError::from)
     .with_context(|| source.describe())?;
