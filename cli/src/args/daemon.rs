@@ -136,10 +136,10 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 5)]
     pub tasks: usize,
     /// Test records scored per task.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 20)]
     pub records: usize,
     /// Optimiser steps of the learned policies' short fits.
-    #[arg(long, default_value_t = 40)]
+    #[arg(long, default_value_t = 200)]
     pub fit_steps: usize,
     /// Print the table as JSON (and no progress bar).
     #[arg(long)]

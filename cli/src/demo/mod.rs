@@ -228,7 +228,7 @@ async fn fit(
             progress * 100.0
         ));
     };
-    let finished = jobs::follow(session, path, "fit", &report).await?;
+    let finished = jobs::follow(session, path, "fit", &report, false).await?;
     let result: serde_json::Value = serde_json::from_str(&finished.result)
         .with_context(|| format!("fitting {policy}: the result is not JSON"))?;
     let plan_name = result["plan_name"].as_str().unwrap_or(&name).to_string();

@@ -10,7 +10,7 @@ use moerge_library::records::{self, Record};
 use crate::exit::invalid;
 
 /// Train and validation records per task for the learned policies' fits.
-const FIT_TRAIN_PER_TASK: usize = 48;
+const FIT_TRAIN_PER_TASK: usize = 100;
 const FIT_VALID_PER_TASK: usize = 16;
 
 /// The demo's tasks and data.

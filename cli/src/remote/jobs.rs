@@ -72,6 +72,7 @@ pub(crate) async fn follow(
     path: OwnedObjectPath,
     what: &str,
     report: &dyn Fn(f64, &str),
+    announce: bool,
 ) -> Result<Finished> {
     let job = Job1Proxy::builder(&session.conn)
         .path(path.clone())
@@ -94,7 +95,9 @@ pub(crate) async fn follow(
     let mut cancelling = false;
     // Registered now (not at the first poll), so a Ctrl-C from here on cancels the job.
     let mut interrupts = signal(SignalKind::interrupt()).context("cannot watch for Ctrl-C")?;
-    eprintln!("{what} job {path} started; Ctrl-C cancels it");
+    if announce {
+        eprintln!("{what} job {path} started; Ctrl-C cancels it");
+    }
     loop {
         report(seen.progress, &seen.message);
         if seen.state.is_some_and(JobState::is_final) {
@@ -163,7 +166,7 @@ pub async fn fit(args: &FitArgs) -> Result<()> {
         .map_err(DaemonError::from)
         .with_context(|| format!("--policy {}", args.policy))?;
     let bar = job_bar(args.json);
-    let finished = follow(&session, path, "fit", &|p, m| show(&bar, p, m)).await;
+    let finished = follow(&session, path, "fit", &|p, m| show(&bar, p, m), true).await;
     bar.finish_and_clear();
     let finished = finished?;
     let result: serde_json::Value = serde_json::from_str(&finished.result)
@@ -194,7 +197,7 @@ pub async fn select(args: &SelectArgs) -> Result<()> {
         .map_err(DaemonError::from)
         .context("select")?;
     let bar = job_bar(args.common.json);
-    let finished = follow(&session, path, "selection", &|p, m| show(&bar, p, m)).await;
+    let finished = follow(&session, path, "selection", &|p, m| show(&bar, p, m), true).await;
     bar.finish_and_clear();
     let finished = finished?;
     let result: serde_json::Value = serde_json::from_str(&finished.result)
