@@ -282,3 +282,55 @@ fn the_demo_runs_every_policy_and_the_oracle_beats_the_base() {
         "{report}"
     );
 }
+
+#[test]
+fn select_picks_first_the_expert_that_is_best_over_the_tasks() {
+    let d = Daemon::start();
+    let data = d.tmp.path().join("select.jsonl");
+    subset(&tiny().join("data/valid.jsonl"), &EXPERTS, 6, &data);
+    let result = d.json(&["select", "--data", path(&data), "--json"]);
+    let selection = &result["selection"];
+    let order: Vec<&str> = selection["order"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap())
+        .collect();
+    let mut sorted = order.clone();
+    sorted.sort();
+    assert_eq!(sorted, ["reverse", "rot13", "upper"], "{result}");
+    let active = selection["active"].as_u64().unwrap();
+    assert!((1..=3).contains(&active), "{result}");
+    // Independently: each expert alone, evaluated offline; greedy's first pick is the one
+    // with the lowest mean over tasks, and the curve starts at that mean.
+    let base = tiny().join("base");
+    let mean_of = |expert: &str| {
+        let adapter = d.library.join(expert);
+        let args = [
+            "eval",
+            "--base",
+            path(&base),
+            "--adapter",
+            path(&adapter),
+            "--data",
+            path(&data),
+            "--json",
+        ];
+        json_of(offline(&args), &args)["mean_over_tasks"]
+            .as_f64()
+            .unwrap()
+    };
+    let (best, best_mean) = EXPERTS
+        .iter()
+        .map(|e| (*e, mean_of(e)))
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .unwrap();
+    assert_eq!(order[0], best, "{result}");
+    let first = selection["curve"][0].as_f64().unwrap();
+    assert!((first - best_mean).abs() < 1e-3, "{first} vs {best_mean}");
+    let text = d.ok(&["select", "--data", path(&data)]);
+    assert!(
+        text.starts_with(&format!("selected {active} of 3 experts: {best}")),
+        "{text}"
+    );
+}

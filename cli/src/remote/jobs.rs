@@ -205,12 +205,26 @@ pub async fn select(args: &SelectArgs) -> Result<()> {
     if args.common.json {
         return json(&result);
     }
-    match result["selected"].as_array() {
-        Some(names) => {
-            let names: Vec<&str> = names.iter().filter_map(|n| n.as_str()).collect();
-            println!("selected {} experts: {}", names.len(), names.join(", "));
+    let selection = &result["selection"];
+    match (selection["order"].as_array(), selection["active"].as_u64()) {
+        (Some(order), Some(active)) => {
+            let names: Vec<&str> = order.iter().filter_map(|n| n.as_str()).collect();
+            let active = (active as usize).min(names.len());
+            println!(
+                "selected {active} of {} experts: {}",
+                names.len(),
+                names[..active].join(", ")
+            );
+            if let Some(curve) = selection["curve"].as_array() {
+                let points: Vec<String> = curve
+                    .iter()
+                    .filter_map(|c| c.as_f64())
+                    .map(|c| format!("{c:.4}"))
+                    .collect();
+                println!("  loss with the first k experts: {}", points.join(", "));
+            }
         }
-        None => json(&result)?,
+        _ => json(&result)?,
     }
     Ok(())
 }
