@@ -215,7 +215,14 @@ pub fn export(args: &ExportArgs) -> Result<ExitCode> {
         &args.out,
     )
     .with_context(|| format!("--out {}", args.out.display()))?;
-    println!("wrote {} ({})", args.out.display(), hash.short());
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({ "out": args.out.display().to_string(), "hash": hash.to_string() })
+        );
+    } else {
+        println!("wrote {} ({})", args.out.display(), hash.short());
+    }
     Ok(ExitCode::SUCCESS)
 }
 
