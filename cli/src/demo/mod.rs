@@ -304,8 +304,8 @@ fn print_table(report: &Report) {
         report.sample_prompt, report.sample_expected
     );
     println!(
-        "The oracle uses each task's own expert (known only in hindsight); routing should come \
-         closest to it. Took {:.0} s. Next: `moerged --library DIR --base DIR`, then `moerge status`.",
+        "The oracle is each task's own expert, known only in hindsight: the bound to approach. \
+         Took {:.0} s.\nNext: `moerged --library DIR --base DIR`, then `moerge status`.",
         report.seconds
     );
 }
