@@ -72,6 +72,7 @@ impl PolicyRunner for UpperPolicy {
         Ok(FitOutcome {
             plan_json: plan.to_string(),
             tensors: None,
+            valid_loss: None,
         })
     }
 }
@@ -167,7 +168,15 @@ async fn check_rights(setup: &OpenSetup) {
         );
         put(
             "fit",
-            nobody.daemon("Fit", "ssass", json!(["merge", "{}", [], data])),
+            nobody.daemon("Fit", "ssasss", json!(["merge", "{}", [], data, "mine"])),
+        );
+        put(
+            "save_plan",
+            nobody.daemon("SavePlan", "ss", json!(["mine", data])),
+        );
+        put(
+            "remove_plan",
+            nobody.daemon("RemovePlan", "s", json!(["mine"])),
         );
         put("select", nobody.daemon("Select", "ss", json!(["{}", data])));
         put(
@@ -263,6 +272,8 @@ async fn check_rights(setup: &OpenSetup) {
         ("fit", "Fit"),
         ("select", "Select"),
         ("export", "ExportPeft"),
+        ("save_plan", "SavePlan"),
+        ("remove_plan", "RemovePlan"),
     ] {
         assert_py_error(get(k), ACCESS_DENIED, &[method, "uid 65534", "uid 0"]);
     }
@@ -310,7 +321,7 @@ async fn check_rights(setup: &OpenSetup) {
     let added = daemon.add_expert(incoming).await.unwrap();
     assert_eq!(added.name, "first");
     daemon.remove_expert("first").await.unwrap();
-    daemon.fit("merge", "{}", &[], data).await.unwrap();
+    daemon.fit("merge", "{}", &[], data, "").await.unwrap();
     model.export_peft(export.to_str().unwrap()).await.unwrap();
     assert!(export.join("adapter_model.safetensors").is_file());
     model.release().await.unwrap();

@@ -11,12 +11,21 @@ use zbus::{interface, Connection, ObjectServer, OwnedObjectPath};
 use super::caller::identify;
 use super::convert::error;
 use super::{BusState, Daemon1};
-use crate::serving::{Caller, Job, JobKind, JobPhase};
+use crate::serving::{Caller, Job, JobKind, JobPhase, JobStatus};
 
 pub struct Job1 {
     state: Arc<BusState>,
     job: Arc<Job>,
     p2p: Option<String>,
+    /// The status the properties show: one snapshot, replaced as a whole before its changes
+    /// are announced, so a client never sees a final state with an older progress or result.
+    shown: std::sync::Mutex<JobStatus>,
+}
+
+impl Job1 {
+    fn shown(&self) -> JobStatus {
+        self.shown.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
 }
 
 type Result<T> = std::result::Result<T, MoergeError>;
@@ -46,6 +55,7 @@ pub(crate) async fn publish(
         state: state.clone(),
         job: job.clone(),
         p2p,
+        shown: std::sync::Mutex::new(job.status()),
     };
     conn.object_server().at(path.clone(), iface).await?;
     let conn = conn.clone();
@@ -58,10 +68,13 @@ pub(crate) async fn publish(
             };
             let emitter = iface.signal_emitter();
             let job1 = iface.get().await;
+            *job1.shown.lock().unwrap_or_else(|p| p.into_inner()) = status.clone();
+            // State last: a client that sees the final state has already been sent the
+            // progress, message and result of the same snapshot (signals keep their order).
             let _ = job1.progress_changed(emitter).await;
-            let _ = job1.state_changed(emitter).await;
             let _ = job1.message_changed(emitter).await;
             let _ = job1.result_changed(emitter).await;
+            let _ = job1.state_changed(emitter).await;
             drop(job1);
             if status.phase.is_final() {
                 if job.kind == JobKind::Select && status.phase == JobPhase::Succeeded {
@@ -113,25 +126,25 @@ impl Job1 {
     /// 0 to 1.
     #[zbus(property)]
     async fn progress(&self) -> f64 {
-        self.job.status().progress
+        self.shown().progress
     }
 
     /// `queued`, `running`, `succeeded`, `failed` or `cancelled`.
     #[zbus(property)]
     async fn state(&self) -> String {
-        wire_state(self.job.status().phase).as_str().into()
+        wire_state(self.shown().phase).as_str().into()
     }
 
     /// What the job is doing, or why it failed.
     #[zbus(property)]
     async fn message(&self) -> String {
-        self.job.status().message
+        self.shown().message
     }
 
     /// The result (JSON) once succeeded; empty before.
     #[zbus(property)]
     async fn result(&self) -> String {
-        self.job.status().result
+        self.shown().result
     }
 
     /// `fit` or `select`.
