@@ -42,6 +42,8 @@ fn dispatch(command: Command) -> Result<ExitCode> {
         Command::Plans(a) => remote::run(remote::library::plans(&a)),
         Command::Fuse(a) => remote::run(remote::use_model::fuse_check(&a)),
         Command::Select(a) => remote::run(remote::jobs::select(&a)),
+        Command::Selection(a) => remote::run(remote::library::selection(&a)),
+        Command::Clusters(a) => remote::run(remote::library::clusters(&a)),
         Command::Inspect(a) => inspect::run(&a),
         Command::Logits(a) => model::logits(&a),
         Command::Score(a) => match a.model.local() {

@@ -334,3 +334,62 @@ fn select_picks_first_the_expert_that_is_best_over_the_tasks() {
         "{text}"
     );
 }
+
+#[test]
+fn the_daemon_keeps_selection_and_clusters_current_on_eval_data() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("valid.jsonl");
+    subset(
+        &tiny().join("data/valid.jsonl"),
+        &["upper", "reverse", "rot13", "add"],
+        6,
+        &data,
+    );
+    let mut d = Daemon::start_with(&["--eval-data", path(&data)]);
+    d.wait_line("clustering refreshed");
+    let first = d.json(&["selection", "--json"]);
+    let mut order: Vec<String> = first["order"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    order.sort();
+    assert_eq!(order, ["reverse", "rot13", "upper"], "{first}");
+
+    // A new expert: the refresher evaluates it and the selection covers it.
+    let staged = d.tmp.path().join("add");
+    copy_adapter(&tiny().join("experts/add"), &staged);
+    d.ok(&["experts", "add", path(&staged)]);
+    d.wait_line("selection refreshed");
+    let deadline = std::time::Instant::now() + PATIENCE; // a hang guard only
+    let second = loop {
+        let s = d.json(&["selection", "--json"]);
+        if s["order"].as_array().unwrap().len() == 4 {
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline, "{s}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    // "add" is the only expert that knows its task: it is in the active set.
+    let active: Vec<&str> = second["active_set"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert!(active.contains(&"add"), "{second}");
+    let text = d.ok(&["selection"]);
+    assert!(text.contains("active set:"), "{text}");
+
+    let clusters = d.json(&["clusters", "--json"]);
+    let mut members: Vec<&str> = clusters["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|c| c.as_array().unwrap().iter().map(|v| v.as_str().unwrap()))
+        .collect();
+    members.sort();
+    assert_eq!(members, ["add", "reverse", "rot13", "upper"], "{clusters}");
+    assert!(d.ok(&["clusters"]).contains("members"));
+}

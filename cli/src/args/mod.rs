@@ -51,6 +51,11 @@ pub enum Command {
     Fuse(FuseArgs),
     /// Start a greedy selection of experts on data in the daemon (a job, like `fit`).
     Select(SelectArgs),
+    /// Show the daemon's latest greedy selection: the order experts were added in, the loss
+    /// curve and the active set (`moerged --eval-data`, or the last `moerge select`).
+    Selection(Common),
+    /// Show the daemon's latest clustering of its experts (model-based, on their updates).
+    Clusters(Common),
     /// Describe a PEFT LoRA adapter folder: rank, alpha, scale, targets, shapes, hash, state.
     Inspect(InspectArgs),
     /// Write the logits of one forward pass over TEXT to a safetensors file (offline).

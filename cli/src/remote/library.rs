@@ -270,3 +270,86 @@ pub async fn policies(connect_args: &ConnectArgs, only: Option<&str>, as_json: b
     table(&["name", "version", "description"], &rows);
     Ok(())
 }
+
+/// A JSON answer of the daemon (`GetSelection`, `GetClusters`), or a hint when empty.
+fn parsed(text: &str, what: &str) -> Result<Option<serde_json::Value>> {
+    if text.is_empty() {
+        eprintln!(
+            "the daemon has no {what} yet: start moerged with --eval-data PATH (kept current \
+             after every library change) or run `moerge select --data PATH`"
+        );
+        return Ok(None);
+    }
+    Ok(Some(
+        serde_json::from_str(text).with_context(|| format!("the daemon's {what}"))?,
+    ))
+}
+
+pub async fn selection(args: &Common) -> Result<()> {
+    let Session { daemon, .. } = connect(&args.connect).await?;
+    let text = daemon.get_selection().await.map_err(DaemonError::from)?;
+    let Some(value) = parsed(&text, "selection")? else {
+        return Ok(());
+    };
+    if args.json {
+        return json(&value);
+    }
+    let order: Vec<&str> = value["order"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
+        .unwrap_or_default();
+    let curve: Vec<f64> = value["curve"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|v| v.as_f64()).collect())
+        .unwrap_or_default();
+    let active = value["active"].as_u64().unwrap_or(0) as usize;
+    let rows: Vec<Vec<String>> = order
+        .iter()
+        .zip(&curve)
+        .enumerate()
+        .map(|(i, (name, loss))| {
+            vec![
+                (i + 1).to_string(),
+                (*name).to_string(),
+                format!("{loss:.4}"),
+                if i < active { "active" } else { "" }.into(),
+            ]
+        })
+        .collect();
+    table(&["#", "expert", "mean best loss", ""], &rows);
+    println!(
+        "\nactive set: {active} of {} experts{}",
+        order.len(),
+        if value["stale"].as_bool() == Some(true) {
+            " (stale: the library changed since)"
+        } else {
+            ""
+        }
+    );
+    Ok(())
+}
+
+pub async fn clusters(args: &Common) -> Result<()> {
+    let Session { daemon, .. } = connect(&args.connect).await?;
+    let text = daemon.get_clusters().await.map_err(DaemonError::from)?;
+    let Some(value) = parsed(&text, "clustering")? else {
+        return Ok(());
+    };
+    if args.json {
+        return json(&value);
+    }
+    let clusters = value["clusters"].as_array().cloned().unwrap_or_default();
+    let rows: Vec<Vec<String>> = clusters
+        .iter()
+        .enumerate()
+        .map(|(i, members)| {
+            let names: Vec<&str> = members
+                .as_array()
+                .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
+                .unwrap_or_default();
+            vec![i.to_string(), names.len().to_string(), names.join(", ")]
+        })
+        .collect();
+    table(&["cluster", "experts", "members"], &rows);
+    Ok(())
+}

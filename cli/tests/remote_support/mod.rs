@@ -76,15 +76,20 @@ pub struct Daemon {
 impl Daemon {
     /// A daemon on a private socket.
     pub fn start() -> Daemon {
-        Daemon::start_on(false)
+        Daemon::start_on(false, &[])
     }
 
     /// A daemon on a private dbus-daemon, reached with `--bus-address`.
     pub fn start_on_bus() -> Daemon {
-        Daemon::start_on(true)
+        Daemon::start_on(true, &[])
     }
 
-    fn start_on(bus: bool) -> Daemon {
+    /// A daemon on a private socket, with more `moerged` arguments.
+    pub fn start_with(extra: &[&str]) -> Daemon {
+        Daemon::start_on(false, extra)
+    }
+
+    fn start_on(bus: bool, extra: &[&str]) -> Daemon {
         let tmp = tempfile::tempdir().unwrap();
         let library = tmp.path().join("library");
         for name in EXPERTS {
@@ -119,6 +124,7 @@ impl Daemon {
                 "--compute-threads",
                 "2",
             ])
+            .args(extra)
             .env("RUST_LOG", "info")
             .env("MOERGE_BUILTIN_POLICIES", deps_dir())
             .env("XDG_DATA_HOME", "/nonexistent")
@@ -145,7 +151,8 @@ impl Daemon {
         daemon
     }
 
-    fn wait_line(&mut self, needle: &str) {
+    /// Waits for a log line containing `needle` (panics after [`PATIENCE`]).
+    pub fn wait_line(&mut self, needle: &str) {
         let deadline = Instant::now() + PATIENCE;
         let mut log = Vec::new();
         loop {
