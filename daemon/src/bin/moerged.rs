@@ -197,6 +197,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     drop(bus);
     // Ends every task (and with them the connections and what they hold) before the service.
     drop(runtime);
+    drop(_refresher);
     drop(serving);
     match Arc::try_unwrap(service) {
         Ok(service) => service.shutdown(),

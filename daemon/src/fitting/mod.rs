@@ -98,12 +98,14 @@ impl PolicyRunner for PluginRunner {
             .map(|p| PolicyDescription {
                 name: p.name().to_owned(),
                 version: p.version().to_owned(),
-                description: p
-                    .parameters()
-                    .iter()
-                    .map(|s| s.name.clone())
-                    .collect::<Vec<_>>()
-                    .join(", "),
+                description: format!(
+                    "parameters: {}",
+                    p.parameters()
+                        .iter()
+                        .map(|s| s.name.clone())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
             })
             .collect()
     }

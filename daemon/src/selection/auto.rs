@@ -4,7 +4,7 @@
 //! set into `SelectionChanged`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 
 use tokio::sync::{broadcast, watch};
@@ -51,13 +51,20 @@ impl AutoRefresh {
         let (tx, latest) = watch::channel(None);
         let stop = Arc::new(AtomicBool::new(false));
         let mut events = service.subscribe();
+        // Only a weak reference between refreshes: the service's owner can still take it back
+        // (and shut it down cleanly) while this thread waits for the next change.
+        let service: Weak<Service> = Arc::downgrade(&service);
         let thread = {
             let stop = stop.clone();
             std::thread::Builder::new()
                 .name("moerge-selection".into())
                 .spawn(move || loop {
+                    let Some(live) = service.upgrade() else {
+                        return;
+                    };
                     let refresh =
-                        refresh_once(&service, &data, &*evaluator, tolerance, &clustering, &stop);
+                        refresh_once(&live, &data, &*evaluator, tolerance, &clustering, &stop);
+                    drop(live);
                     if let Some(refresh) = refresh {
                         log(&refresh);
                         tx.send_replace(Some(Arc::new(refresh)));
