@@ -8,10 +8,10 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use moerge_engine::services::{tensor_map, EngineServices};
+use moerge_engine::services::EngineServices;
 use moerge_engine::{BaseModel, Precision, TextTokenizer};
 use moerge_library::source::{self, HubSettings, ModelKind};
-use moerge_library::{records, write_tensor_file, Adapter, ExpertMetadata};
+use moerge_library::{records, write_tensor_file_bytes, Adapter, ExpertMetadata};
 use moerge_policy_host::{
     records_from_library, standard_folders, ExpertInput, FitRequest, PolicyRegistry,
 };
@@ -211,38 +211,21 @@ pub fn fit(args: &FitArgs) -> Result<ExitCode> {
                 params: &params,
             };
             let policy = moerge_policy_host::load_policy(&policy_path)?;
-            let fitted = policy.fit(&request, &services)?;
-            let valid_loss = if valid.is_empty() {
-                None
-            } else {
-                let losses = moerge_sdk::policy::HostServices::evaluate(
-                    &services,
-                    &fitted,
-                    moerge_sdk::policy::Split::Valid,
-                )?;
-                Some(losses.iter().sum::<f64>() / losses.len() as f64)
-            };
-            Ok((fitted, valid_loss))
+            Ok(policy.fit_plan(&request, &services)?)
         })
         .context("cannot start the fit thread")?;
     let result = fit_thread
         .join()
         .map_err(|_| anyhow::anyhow!("the fit thread panicked"))?;
     bar.finish_and_clear();
-    let (mut fitted, valid_loss) = result?;
+    let fitted = result?;
     let dir = out
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    if !fitted.tensors.is_empty() {
-        let hash = write_tensor_file(dir, &tensor_map(&fitted.tensors))
-            .with_context(|| format!("--out {}", out.display()))?;
-        fitted.plan.tensors = Some(hash);
+    if let Some(bytes) = &fitted.tensor_file {
+        write_tensor_file_bytes(dir, bytes).with_context(|| format!("--out {}", out.display()))?;
     }
-    fitted
-        .plan
-        .validate()
-        .with_context(|| format!("policy {policy_name} returned"))?;
     std::fs::write(&out, fitted.plan.to_json())
         .with_context(|| format!("--out {}", out.display()))?;
     let report = FitReport {
@@ -250,7 +233,7 @@ pub fn fit(args: &FitArgs) -> Result<ExitCode> {
         plan: out.display().to_string(),
         tensors: fitted.plan.tensors_file(),
         experts: fitted.plan.experts.len(),
-        valid_mean_loss: valid_loss,
+        valid_mean_loss: fitted.valid_loss,
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);

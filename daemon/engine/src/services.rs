@@ -81,7 +81,7 @@ impl<'a> EngineServices<'a> {
 }
 
 /// The SDK's tensors as the library's.
-pub fn tensor_map(tensors: &std::collections::BTreeMap<String, TensorData>) -> TensorMap {
+pub(crate) fn tensor_map(tensors: &std::collections::BTreeMap<String, TensorData>) -> TensorMap {
     tensors
         .iter()
         .map(|(k, t)| {

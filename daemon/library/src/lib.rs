@@ -52,7 +52,7 @@ pub use metadata::{ExpertMetadata, METADATA_FILE};
 pub use safetensors_header::{Dtype, HeaderError};
 pub use tensor_file::{
     parse_tensor_file, read_tensor_file, tensor_file_bytes, tensor_file_hash, write_tensor_file,
-    F32Tensor, TensorFileError, TensorMap,
+    write_tensor_file_bytes, F32Tensor, TensorFileError, TensorMap,
 };
 pub use write::{write_adapter, NewAdapter, NewModule};
 

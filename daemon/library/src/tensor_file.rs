@@ -115,8 +115,13 @@ pub fn tensor_file_bytes(tensors: &TensorMap) -> Result<Vec<u8>, TensorFileError
 /// Writes `tensors` to `dir/<hash>.safetensors` (atomically: a temporary file renamed into
 /// place) and returns the hash. Writing the same tensors twice is a no-op.
 pub fn write_tensor_file(dir: &Path, tensors: &TensorMap) -> Result<String, TensorFileError> {
-    let bytes = tensor_file_bytes(tensors)?;
-    let hash = tensor_file_hash(&bytes);
+    write_tensor_file_bytes(dir, &tensor_file_bytes(tensors)?)
+}
+
+/// Writes a tensor file's bytes (from [`tensor_file_bytes`]) to `dir/<hash>.safetensors`,
+/// atomically, and returns the hash.
+pub fn write_tensor_file_bytes(dir: &Path, bytes: &[u8]) -> Result<String, TensorFileError> {
+    let hash = tensor_file_hash(bytes);
     let path = tensor_file_path(dir, &hash);
     if path.exists() {
         return Ok(hash);
@@ -128,7 +133,7 @@ pub fn write_tensor_file(dir: &Path, tensors: &TensorMap) -> Result<String, Tens
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let staging = dir.join(format!(".{hash}.partial-{}", std::process::id()));
     let mut file = std::fs::File::create(&staging).map_err(io(&staging))?;
-    file.write_all(&bytes).map_err(io(&staging))?;
+    file.write_all(bytes).map_err(io(&staging))?;
     file.sync_all().map_err(io(&staging))?;
     std::fs::rename(&staging, &path).map_err(io(&path))?;
     Ok(hash)

@@ -134,3 +134,68 @@ pub fn records_from_library(records: &[moerge_library::records::Record]) -> Vec<
         })
         .collect()
 }
+
+/// A fit ready to store or serve: the plan (naming its tensor file by hash when it has
+/// tensors), that file's bytes, and the mean validation loss when there were validation
+/// records.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FittedPlan {
+    pub plan: moerge_sdk::plan::Plan,
+    pub tensor_file: Option<Vec<u8>>,
+    pub valid_loss: Option<f64>,
+}
+
+impl LoadedPolicy {
+    /// [`LoadedPolicy::fit`], then what every caller does next: the validation loss through
+    /// `services`, the tensors packed into a tensor file named in the plan, the plan checked.
+    /// The CLI's `moerge fit` and the daemon's `Fit` both go through here.
+    pub fn fit_plan(
+        &self,
+        request: &FitRequest<'_>,
+        services: &dyn HostServices,
+    ) -> Result<FittedPlan, FitError> {
+        let fitted = self.fit(request, services)?;
+        let policy = self.name().to_owned();
+        let failed = |message: String| FitError::PluginFailed {
+            policy: policy.clone(),
+            message,
+        };
+        let valid_loss = if request.valid.is_empty() {
+            None
+        } else {
+            let losses = services
+                .evaluate(&fitted, moerge_sdk::policy::Split::Valid)
+                .map_err(|e| failed(format!("evaluating the fitted plan: {e}")))?;
+            Some(losses.iter().sum::<f64>() / losses.len().max(1) as f64)
+        };
+        let mut plan = fitted.plan;
+        let tensor_file = if fitted.tensors.is_empty() {
+            None
+        } else {
+            let map: moerge_library::TensorMap = fitted
+                .tensors
+                .iter()
+                .map(|(name, t)| {
+                    let tensor = moerge_library::F32Tensor {
+                        shape: t.shape.clone(),
+                        data: t.data.clone(),
+                    };
+                    (name.clone(), tensor)
+                })
+                .collect();
+            let bytes = moerge_library::tensor_file_bytes(&map)
+                .map_err(|e| failed(format!("its tensors: {e}")))?;
+            plan.tensors = Some(moerge_library::tensor_file_hash(&bytes));
+            Some(bytes)
+        };
+        plan.validate().map_err(|e| FitError::InvalidPlan {
+            policy: policy.clone(),
+            message: e.to_string(),
+        })?;
+        Ok(FittedPlan {
+            plan,
+            tensor_file,
+            valid_loss,
+        })
+    }
+}

@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use moerge_sdk::abi::DeclaredPolicy;
 use moerge_sdk::params::ParamSpec;
 
-pub use fit::{records_from_library, ExpertInput, FitError, FitRequest};
+pub use fit::{records_from_library, ExpertInput, FitError, FitRequest, FittedPlan};
 pub use folders::{standard_folders, FileFilter, PolicyFolder};
 pub use load::{load_policy, LoadError};
 

@@ -9,13 +9,12 @@ mod data;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use moerge_engine::services::{tensor_map, EngineServices};
-use moerge_library::{tensor_file_bytes, tensor_file_hash, Adapter};
+use moerge_engine::services::EngineServices;
+use moerge_library::Adapter;
 use moerge_policy_host::{
     records_from_library, standard_folders, ExpertInput, FitError, FitRequest as HostRequest,
     PolicyFolder, PolicyRegistry,
 };
-use moerge_sdk::policy::{HostServices, Split};
 
 pub use data::{hold_out, read_fit_data, FitData, HOLD_OUT};
 
@@ -184,43 +183,21 @@ impl PolicyRunner for PluginRunner {
             valid: &valid,
             params: &params,
         };
-        let fitted = policy.fit(&host_request, &services).map_err(|e| match e {
-            FitError::Params { .. } => invalid("params", e.to_string()),
-            FitError::NoExperts { .. } => invalid("experts", e.to_string()),
-            FitError::Cancelled { .. } => HookError::Cancelled,
-            other => HookError::Failed(other.to_string()),
-        })?;
+        let fitted = policy
+            .fit_plan(&host_request, &services)
+            .map_err(|e| match e {
+                FitError::Params { .. } => invalid("params", e.to_string()),
+                FitError::NoExperts { .. } => invalid("experts", e.to_string()),
+                FitError::Cancelled { .. } => HookError::Cancelled,
+                other => HookError::Failed(other.to_string()),
+            })?;
         if cancelled.load(Ordering::SeqCst) || reporter.is_cancelled() {
             return Err(HookError::Cancelled);
         }
-        let valid_loss = if valid.is_empty() {
-            None
-        } else {
-            let losses = services
-                .evaluate(&fitted, Split::Valid)
-                .map_err(|e| HookError::Failed(format!("evaluating the fitted plan: {e}")))?;
-            Some(losses.iter().sum::<f64>() / losses.len().max(1) as f64)
-        };
-        let mut plan = fitted.plan;
-        let tensors = if fitted.tensors.is_empty() {
-            None
-        } else {
-            let bytes = tensor_file_bytes(&tensor_map(&fitted.tensors)).map_err(|e| {
-                HookError::Failed(format!("policy {}: its tensors: {e}", request.policy))
-            })?;
-            plan.tensors = Some(tensor_file_hash(&bytes));
-            Some(bytes)
-        };
-        plan.validate().map_err(|e| {
-            HookError::Failed(format!(
-                "policy {} returned an invalid plan: {e}",
-                request.policy
-            ))
-        })?;
         Ok(FitOutcome {
-            plan_json: plan.to_json(),
-            tensors,
-            valid_loss,
+            plan_json: fitted.plan.to_json(),
+            tensors: fitted.tensor_file,
+            valid_loss: fitted.valid_loss,
         })
     }
 }
