@@ -6,7 +6,9 @@ mod args;
 mod commands;
 mod demo;
 mod exit;
+mod plot;
 mod remote;
+mod report;
 
 use std::process::ExitCode;
 
@@ -58,6 +60,8 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             Some(local) => explain::explain(&a, &local),
             None => remote::run(remote::use_model::explain(&a)),
         },
+        Command::Eval(a) if a.report.policies.is_some() => report::run(&a),
+        Command::Plot(a) => report::plot(&a),
         Command::Eval(a) => match a.model.local() {
             Some(local) => train::eval(&a, &local),
             None => remote::run(remote::use_model::eval(&a)),

@@ -14,9 +14,10 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use moerge_daemon::clustering::{delta_gram, sketch_gram};
+use moerge_daemon::clustering::sketch_gram;
 use moerge_daemon::selection::{select, LossMatrix};
 use moerge_daemon::service::sketch::{decode_sketch, parameter_sketch};
+use moerge_library::update_gram;
 use moerge_library::{write_adapter, Adapter, NewAdapter, NewModule};
 use moerge_sdk::cluster::{cluster, similarity_from_gram};
 
@@ -187,7 +188,7 @@ fn clustering_bench() {
         cluster_time.as_secs_f64() * 1e3
     );
     let refs: Vec<&Adapter> = adapters32.iter().collect();
-    let exact = median(3, || delta_gram(&refs));
+    let exact = median(3, || update_gram(&refs));
     let pairs = |m: usize| (m * (m + 1) / 2) as f64;
     println!(
         "  exact update Gram from the factors, N = 32: {:.2} s; N = 256 would take about {:.0} s \

@@ -97,7 +97,7 @@ fn the_update_gram_equals_dense_updates_multiplied_out() {
         .iter()
         .map(|n| Adapter::load(&tiny().join("experts").join(n)).unwrap())
         .collect();
-    let gram = clustering::delta_gram(&adapters.iter().collect::<Vec<_>>());
+    let gram = moerge_library::update_gram(&adapters.iter().collect::<Vec<_>>());
     let dense: Vec<_> = names.iter().map(|n| dense_updates(n)).collect();
     let n = names.len();
     for i in 0..n {
@@ -169,7 +169,7 @@ fn the_library_is_clustered_from_factors_or_sketches_and_stored() {
         .iter()
         .map(|n| Adapter::load(&tiny().join("experts").join(n)).unwrap())
         .collect();
-    let exact_gram = clustering::delta_gram(&adapters.iter().collect::<Vec<_>>());
+    let exact_gram = moerge_library::update_gram(&adapters.iter().collect::<Vec<_>>());
     let sketches: Vec<Vec<f32>> = lease
         .experts()
         .values()
@@ -254,7 +254,7 @@ fn update_clusters_recover_the_task_families() {
         .map(|n| Adapter::load(&tiny().join("experts").join(n)).unwrap())
         .collect();
     let n = names.len();
-    let gram = clustering::delta_gram(&adapters.iter().collect::<Vec<_>>());
+    let gram = moerge_library::update_gram(&adapters.iter().collect::<Vec<_>>());
     let similarity = moerge_sdk::cluster::similarity_from_gram(&gram, n, 16);
     // Updates of one family point more the same way than updates of different families.
     let cosine = |i: usize, j: usize| gram[i * n + j] / (gram[i * n + i] * gram[j * n + j]).sqrt();

@@ -9,6 +9,8 @@
 //!   [`optimize`] — what a policy asks the host's trainer to learn.
 //! - [`abi`] — the versioned C ABI and [`export_policy!`], the one macro a plugin writes.
 //! - `testing` (cargo feature) — run a policy through that same ABI in a test, no daemon.
+//! - [`cluster`] and [`greedy`] — model-based clustering and greedy expert selection, shared
+//!   by the daemon, the CLI's reports and policies.
 //! - [`linalg`] — small dense helpers (symmetric eigen-decomposition) for policies' maths.
 //!
 //! ```
@@ -57,6 +59,7 @@
 pub mod abi;
 mod checks;
 pub mod cluster;
+pub mod greedy;
 pub mod linalg;
 pub mod optimize;
 pub mod params;

@@ -128,14 +128,81 @@ pub struct EvalArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     /// JSONL records with a task each (over the daemon: read here, scored one per call).
-    #[arg(long)]
-    pub data: PathBuf,
+    /// Required unless --policies is given.
+    #[arg(long, required_unless_present = "policies")]
+    pub data: Option<PathBuf>,
     /// Over the daemon: Score calls in flight at once (the daemon's --max-calls caps it).
     #[arg(long, default_value_t = 4)]
     pub concurrency: usize,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub report: ReportArgs,
+}
+
+impl EvalArgs {
+    /// `--data`, which clap requires unless `--policies` is given.
+    pub fn data_file(&self) -> anyhow::Result<&std::path::Path> {
+        self.data
+            .as_deref()
+            .ok_or_else(|| anyhow::anyhow!("--data FILE is required (or --policies)"))
+    }
+}
+
+/// `moerge eval --policies all`: the paper's table, offline on a tiny-library-shaped folder.
+#[derive(Debug, Clone, Args)]
+pub struct ReportArgs {
+    /// Compare fusion policies and baselines on a library (offline, no daemon): `all`, or
+    /// a comma-separated list of rows (base, shared, oracle, oracle-cluster,
+    /// uniform-merge-lowrank, uniform-merge-exact, learned-merge, uniform-ensemble,
+    /// learned-ensemble, arrow, sgd-router, hierarchical). Prints each row's mean loss over
+    /// tasks ± standard error and its cost.
+    #[arg(long, value_name = "all|ROWS", conflicts_with_all = ["base", "policy", "saved", "plan", "data"])]
+    pub policies: Option<String>,
+    /// With --policies: the library folder (base/, experts/ with moerge.json task metadata,
+    /// data/{train,valid,test}.jsonl) [default: the embedded tiny library].
+    #[arg(long, value_name = "DIR", requires = "policies")]
+    pub tiny: Option<PathBuf>,
+    /// With --policies: the split the table is scored on.
+    #[arg(long, value_enum, default_value_t = SplitArg::Test, requires = "policies")]
+    pub split: SplitArg,
+    /// With --policies: only these tasks (comma-separated), or the first N tasks [default: all].
+    #[arg(long, value_name = "N|LIST", requires = "policies")]
+    pub tasks: Option<String>,
+    /// With --policies: score (and validate on) at most N records per task [default: all].
+    #[arg(long, value_name = "N", requires = "policies")]
+    pub records: Option<usize>,
+    /// With --policies: optimiser steps of the learned rows (learned merge and ensemble, SGD
+    /// router, hierarchical).
+    #[arg(long, default_value_t = 200, requires = "policies")]
+    pub steps: usize,
+    /// With --policies: experts per token of the Arrow row.
+    #[arg(long, default_value_t = 3, requires = "policies")]
+    pub arrow_top_k: usize,
+    /// With --policies: draw the figures (loss vs cost, greedy curve, routing heat map,
+    /// cluster similarity) into DIR as SVG and PNG.
+    #[arg(long, value_name = "DIR", requires = "policies")]
+    pub plot: Option<PathBuf>,
+    /// With --policies: another folder of policy plugins (repeatable).
+    #[arg(long, value_name = "DIR", requires = "policies")]
+    pub policy_dir: Vec<PathBuf>,
+}
+
+/// Which split of a library's data to score.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SplitArg {
+    Valid,
+    Test,
+}
+
+impl SplitArg {
+    pub fn file_stem(self) -> &'static str {
+        match self {
+            SplitArg::Valid => "valid",
+            SplitArg::Test => "test",
+        }
+    }
 }
 
 #[derive(Debug, Args)]

@@ -66,7 +66,8 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Train a LoRA adapter on JSONL records and write it as a PEFT adapter folder.
     Train(TrainArgs),
-    /// Mean loss per completion token, per task, with the mean over tasks and its standard error.
+    /// Mean loss per completion token, per task, with the mean over tasks and its standard
+    /// error; with --policies all, the paper's table of every policy and baseline (offline).
     Eval(EvalArgs),
     /// Write fusion plans (reviewable JSON recipes) from a library of experts (offline).
     #[command(subcommand)]
@@ -78,6 +79,8 @@ pub enum Command {
     Fit(FitArgs),
     /// Show which experts a routed plan gives each token of PROMPT, per layer.
     Explain(ExplainArgs),
+    /// Draw the figures of a saved `moerge eval --policies ... --json` report as SVG and PNG.
+    Plot(PlotArgs),
     /// Export a plan for PEFT: a static merge as one adapter folder, an Arrow plan (offline)
     /// as its adapter list and ArrowConfig values.
     Export(ExportArgs),

@@ -183,3 +183,13 @@ pub struct TrainArgs {
     #[arg(long)]
     pub json: bool,
 }
+
+#[derive(Debug, Args)]
+pub struct PlotArgs {
+    /// The report: what `moerge eval --policies all --json` printed, saved to a file.
+    pub report: PathBuf,
+    /// Folder to draw into (created if missing): tradeoff, greedy, routing and similarity,
+    /// each as .svg and .png.
+    #[arg(long)]
+    pub out: PathBuf,
+}

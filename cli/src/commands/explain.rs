@@ -62,7 +62,7 @@ pub(crate) fn print(
 }
 
 /// The layer a module path belongs to (`model.layers.3.mlp.fc1` → `layer 3`), or the path.
-fn layer_of(module: &str) -> String {
+pub(crate) fn layer_of(module: &str) -> String {
     let mut parts = module.split('.');
     while let Some(p) = parts.next() {
         if p == "layers" {

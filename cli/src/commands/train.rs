@@ -148,7 +148,7 @@ pub(crate) struct TaskLoss {
 }
 
 pub fn eval(args: &EvalArgs, local: &LocalModelArgs) -> Result<ExitCode> {
-    let records = read_eval_records(&args.data)?;
+    let records = read_eval_records(args.data_file()?)?;
     let model::Loaded {
         model,
         tokenizer,

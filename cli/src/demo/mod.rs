@@ -8,6 +8,8 @@ mod daemon;
 mod measure;
 mod setup;
 
+pub use daemon::tiny_library;
+
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 

@@ -191,7 +191,8 @@ pub async fn explain(args: &ExplainArgs) -> Result<()> {
 /// `eval` does.
 pub async fn eval(args: &EvalArgs) -> Result<()> {
     let source = Source::from_args(args.model.plan.as_deref(), &args.model.remote)?;
-    let records = train::read_eval_records(&args.data)?;
+    let data = args.data_file()?;
+    let records = train::read_eval_records(data)?;
     if args.concurrency == 0 {
         invalid!("--concurrency 0: at least one call must be in flight");
     }
@@ -214,9 +215,7 @@ pub async fn eval(args: &EvalArgs) -> Result<()> {
                         .score(&r.prompt, &r.completion)
                         .await
                         .map_err(DaemonError::from)
-                        .with_context(|| {
-                            format!("--data {} record {}", args.data.display(), i + 1)
-                        })?;
+                        .with_context(|| format!("--data {} record {}", data.display(), i + 1))?;
                     bar.inc(1);
                     Ok::<_, anyhow::Error>((r.task.clone().unwrap_or_default(), s.mean_nll))
                 }

@@ -42,7 +42,8 @@ pub mod tensor_file;
 mod write;
 
 pub use adapter::{
-    inspect_adapter, Adapter, AdapterReport, AdapterState, LoraModule, ModuleReport, TensorRef,
+    inspect_adapter, update_gram, Adapter, AdapterReport, AdapterState, LoraModule, ModuleReport,
+    TensorRef,
 };
 pub use base::{BaseModelInfo, LinearShape};
 pub use config::{AdapterConfig, TargetModules};

@@ -1,14 +1,13 @@
 //! Greedy expert selection in the daemon: the expert × task validation-loss matrix, cached
 //! in the index by (data set, expert content) and refreshed one missing row at a time
-//! ([`matrix`]), greedy selection over it ([`greedy`]), and the stored result whose active
-//! set is the default experts of a fusion.
+//! ([`matrix`]), greedy selection over it (`moerge_sdk::greedy`, shared with `moerge eval`),
+//! and the stored result whose active set is the default experts of a fusion.
 //!
 //! Layering: this module sits beside `serving` (it uses the engine through
 //! [`EngineRows`] and the index through its API), and knows nothing about D-Bus.
 
 mod auto;
 mod engine_rows;
-pub mod greedy;
 mod matrix;
 mod selector;
 
@@ -18,8 +17,8 @@ use moerge_library::records::{read_jsonl, DataError};
 
 pub use auto::{AutoRefresh, Refresh};
 pub use engine_rows::EngineRows;
-pub use greedy::{select, LossMatrix, Selection, SelectionError};
 pub use matrix::{refresh, EvalData, MatrixError, Refreshed, RowEvaluator};
+pub use moerge_sdk::greedy::{self, select, LossMatrix, Selection, SelectionError};
 pub use selector::{tolerance_from_params, GreedySelector};
 
 use crate::index::{Index, IndexError, SelectionRecord};

@@ -3,6 +3,7 @@
 mod keys;
 mod load;
 mod report;
+mod updates;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -11,6 +12,7 @@ use std::path::{Path, PathBuf};
 use memmap2::Mmap;
 
 pub use report::{inspect_adapter, AdapterReport, AdapterState, ModuleReport};
+pub use updates::update_gram;
 
 use crate::base::BaseModelInfo;
 use crate::config::AdapterConfig;

@@ -3,7 +3,7 @@
 //! of the best selected expert's loss — and keep the whole curve. The *active set* is the
 //! smallest prefix whose value is within a tolerance of the full library's value.
 //!
-//! Pure arithmetic: no engine, no index. A run is O(N² · T) for N experts and T tasks, a few
+//! Pure arithmetic: no engine, no index (shared by the daemon and `moerge eval`). A run is O(N² · T) for N experts and T tasks, a few
 //! milliseconds for N = 256, so the selection is simply recomputed on every library change;
 //! what is incremental is the matrix (only new rows are evaluated).
 
