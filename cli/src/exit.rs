@@ -26,6 +26,22 @@ pub const LIMIT_EXCEEDED: u8 = 7;
 pub const PLUGIN_FAILED: u8 = 8;
 pub const CANCELLED: u8 = 130;
 
+/// A flag the first Ctrl-C sets (long offline jobs check it and stop cleanly); a second
+/// Ctrl-C exits at once with 130.
+pub fn cancel_on_ctrl_c() -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let cancelled = std::sync::Arc::new(AtomicBool::new(false));
+    let flag = cancelled.clone();
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            std::process::exit(CANCELLED.into());
+        }
+        eprintln!("\ncancelling (Ctrl-C again to quit now)");
+    })
+    .ok();
+    cancelled
+}
+
 /// An error the daemon replied with, its message as the daemon wrote it (it names the
 /// argument at fault).
 #[derive(Debug)]

@@ -3,8 +3,6 @@
 
 use std::path::Path;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -154,17 +152,7 @@ pub fn fit(args: &FitArgs) -> Result<ExitCode> {
             }
         };
     let (train, valid) = (read(&args.train, "train")?, read(&args.valid, "valid")?);
-    let cancelled = Arc::new(AtomicBool::new(false));
-    {
-        let cancelled = cancelled.clone();
-        ctrlc::set_handler(move || {
-            if cancelled.swap(true, Ordering::SeqCst) {
-                std::process::exit(130);
-            }
-            eprintln!("\ncancelling (Ctrl-C again to quit now)");
-        })
-        .ok();
-    }
+    let cancelled = crate::exit::cancel_on_ctrl_c();
     let bar = if args.json {
         ProgressBar::hidden()
     } else {

@@ -18,7 +18,8 @@ use serde::Serialize;
 use crate::args::{EvalArgs, LocalModelArgs, TrainArgs};
 use crate::commands::model;
 
-fn tokenize(tokenizer: &TextTokenizer, records: &[Record]) -> Result<Vec<Example>> {
+/// Records as token ids, for the trainer and for scoring.
+pub(crate) fn tokenize(tokenizer: &TextTokenizer, records: &[Record]) -> Result<Vec<Example>> {
     records
         .iter()
         .map(|r| {

@@ -14,6 +14,7 @@ use moerge_sdk::greedy::{self, LossMatrix};
 
 use super::library::Library;
 use crate::commands::explain::layer_of;
+use crate::commands::train::tokenize;
 use crate::plot::{GreedyCurve, LayerWeights, RoutingMap, SimilarityMatrix};
 
 /// Singular directions kept before the cosine (as the daemon's clustering).
@@ -51,17 +52,7 @@ pub fn greedy_curve(
     tokenizer: &TextTokenizer,
     each: impl Fn(&str),
 ) -> Result<GreedyCurve> {
-    let valid = lib
-        .valid
-        .iter()
-        .map(|r| {
-            Ok(Example {
-                task: r.task.clone(),
-                prompt: tokenizer.encode(&r.prompt)?,
-                completion: tokenizer.encode(&r.completion)?,
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let valid = tokenize(tokenizer, &lib.valid)?;
     let mut rows = BTreeMap::new();
     for e in &lib.experts {
         each(&e.name);

@@ -13,8 +13,7 @@ mod table;
 
 use std::path::Path;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -91,17 +90,7 @@ pub fn run(args: &EvalArgs) -> Result<ExitCode> {
         .with_context(|| format!("{}", lib.base_dir.display()))?;
     let tokenizer = TextTokenizer::from_dir(&lib.base_dir)?;
 
-    let cancelled = Arc::new(AtomicBool::new(false));
-    {
-        let cancelled = cancelled.clone();
-        ctrlc::set_handler(move || {
-            if cancelled.swap(true, Ordering::SeqCst) {
-                std::process::exit(130);
-            }
-            eprintln!("\ncancelling (Ctrl-C again to quit now)");
-        })
-        .ok();
-    }
+    let cancelled = crate::exit::cancel_on_ctrl_c();
     let bar = if args.json {
         ProgressBar::hidden()
     } else {

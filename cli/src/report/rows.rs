@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use super::library::Library;
 use crate::args::ReportArgs;
-use crate::commands::train::mean_and_standard_error;
+use crate::commands::train::{mean_and_standard_error, tokenize};
 
 /// Records scored per forward pass.
 const BATCH: usize = 64;
@@ -218,17 +218,7 @@ impl Runner<'_> {
         bar: &'a ProgressBar,
         cancelled: &'a AtomicBool,
     ) -> Result<Runner<'a>> {
-        let scored = lib
-            .scored
-            .iter()
-            .map(|r| {
-                Ok(Example {
-                    task: r.task.clone(),
-                    prompt: tokenizer.encode(&r.prompt)?,
-                    completion: tokenizer.encode(&r.completion)?,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let scored = tokenize(tokenizer, &lib.scored)?;
         Ok(Runner {
             lib,
             base,

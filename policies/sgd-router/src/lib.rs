@@ -4,7 +4,10 @@
 //! experts: a dense softmax, as the paper's SGD-trained routing.
 
 use moerge_sdk::optimize::{OptimizeOptions, RouterInit};
-use moerge_sdk::params::{ParamSpec, Params};
+use moerge_sdk::params::{ParamSpec, ParamValue, Params};
+
+/// The routers' default learning rate (lower than the other trained policies').
+const LEARNING_RATE: f64 = 0.01;
 use moerge_sdk::plan::{Granularity, ModulePlan, Router};
 use moerge_sdk::policy::{FitContext, Fitted, Policy, PolicyError};
 
@@ -38,6 +41,12 @@ impl Policy for SgdRouter {
             ),
         ];
         specs.extend(OptimizeOptions::param_specs());
+        // At the shared default (0.05) the routers turn hard within a few steps and settle on
+        // the wrong experts: on the tiny library's 25 experts (500 steps, batch 16) 0.05 ends
+        // at a validation loss of 1.40, worse than the base model, 0.01 at 1.04.
+        for spec in specs.iter_mut().filter(|s| s.name == "learning_rate") {
+            spec.default = Some(ParamValue::Float(LEARNING_RATE));
+        }
         specs
     }
 
