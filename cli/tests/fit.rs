@@ -4,31 +4,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Output;
 
 use common::*;
-
-fn tiny() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/tiny-library")
-}
-
-/// Runs `moerge` with the built-in policies taken from the test binary's own folder, where
-/// cargo built them for this test.
-fn moerge(args: &[&str]) -> Output {
-    let plugins = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .to_path_buf();
-    Command::new(env!("CARGO_BIN_EXE_moerge"))
-        .args(args)
-        .env("HF_HUB_OFFLINE", "1")
-        .env("MOERGE_BUILTIN_POLICIES", plugins)
-        .env("XDG_DATA_HOME", "/nonexistent")
-        .output()
-        .unwrap()
-}
 
 fn stdout_json(out: Output, what: &str) -> serde_json::Value {
     assert!(
@@ -56,7 +35,10 @@ fn subset(file: &Path, tasks: &[&str], n: usize, out: &Path) {
 
 #[test]
 fn policies_are_listed_and_a_fitted_router_beats_the_uniform_merge() {
-    let listed = stdout_json(moerge(&["policies", "--local", "--json"]), "policies");
+    let listed = stdout_json(
+        moerge_with_plugins(&["policies", "--local", "--json"]),
+        "policies",
+    );
     let names: Vec<&str> = listed
         .as_array()
         .unwrap()
@@ -104,7 +86,7 @@ fn policies_are_listed_and_a_fitted_router_beats_the_uniform_merge() {
             "--json",
         ];
         args.extend_from_slice(extra);
-        let report = stdout_json(moerge(&args), policy);
+        let report = stdout_json(moerge_with_plugins(&args), policy);
         (out, report)
     };
     let (uniform_plan, uniform) = fit("uniform-merge", &[]);
@@ -158,7 +140,7 @@ fn policies_are_listed_and_a_fitted_router_beats_the_uniform_merge() {
     assert!(r < u - 0.1, "sgd-router {r} vs uniform merge {u}");
 
     // Bad parameters are refused by name, and nothing is written.
-    let out = moerge(&[
+    let out = moerge_with_plugins(&[
         "fit",
         "--policy",
         "sgd-router",

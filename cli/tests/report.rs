@@ -6,34 +6,13 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
 
-use common::ok;
+use common::{moerge_with_plugins, ok, tiny};
 use serde_json::Value;
 
 const TASKS: [&str; 3] = ["reverse", "add", "vowel"];
 const RECORDS: usize = 4;
-
-fn tiny() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/tiny-library")
-}
-
-/// Runs `moerge` with the built-in policies cargo built next to this test binary.
-fn moerge(args: &[&str]) -> Output {
-    let plugins = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .to_path_buf();
-    Command::new(env!("CARGO_BIN_EXE_moerge"))
-        .args(args)
-        .env("HF_HUB_OFFLINE", "1")
-        .env("MOERGE_BUILTIN_POLICIES", plugins)
-        .env("XDG_DATA_HOME", "/nonexistent")
-        .output()
-        .unwrap()
-}
 
 /// The first RECORDS validation records of each of TASKS, as the report picks them.
 fn valid_subset(out: &Path) {
@@ -73,7 +52,7 @@ fn close(a: f64, b: f64, what: &str) {
 fn the_paper_table_agrees_with_independent_computations_and_plots() {
     let tmp = tempfile::tempdir().unwrap();
     let figures = tmp.path().join("figures");
-    let out = moerge(&[
+    let out = moerge_with_plugins(&[
         "eval",
         "--policies",
         "all",
@@ -308,14 +287,14 @@ fn the_paper_table_agrees_with_independent_computations_and_plots() {
 
 #[test]
 fn unknown_rows_and_tasks_are_named() {
-    let out = moerge(&["eval", "--policies", "base,nope"]);
+    let out = moerge_with_plugins(&["eval", "--policies", "base,nope"]);
     assert_eq!(out.status.code(), Some(6));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("\"nope\"") && err.contains("sgd-router"),
         "{err}"
     );
-    let out = moerge(&["eval", "--policies", "base", "--tasks", "reverse,nosuch"]);
+    let out = moerge_with_plugins(&["eval", "--policies", "base", "--tasks", "reverse,nosuch"]);
     assert_eq!(out.status.code(), Some(6));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("\"nosuch\""), "{err}");

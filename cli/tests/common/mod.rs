@@ -21,6 +21,28 @@ pub fn fixtures() -> PathBuf {
     dir
 }
 
+/// The embedded tiny library.
+pub fn tiny() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/tiny-library")
+}
+
+/// Runs `moerge` with the built-in policies taken from the test binary's own folder, where
+/// cargo built them for this test (the dev-dependencies on the policy crates).
+pub fn moerge_with_plugins(args: &[&str]) -> Output {
+    let plugins = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    Command::new(env!("CARGO_BIN_EXE_moerge"))
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .env("MOERGE_BUILTIN_POLICIES", plugins)
+        .env("XDG_DATA_HOME", "/nonexistent")
+        .output()
+        .unwrap()
+}
+
 /// Runs `moerge` (offline, so no test ever reaches the network).
 pub fn run(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_moerge"))

@@ -6,10 +6,11 @@
 use moerge_sdk::optimize::{OptimizeOptions, RouterInit};
 use moerge_sdk::params::{ParamSpec, ParamValue, Params};
 
-/// The routers' default learning rate (lower than the other trained policies').
-const LEARNING_RATE: f64 = 0.01;
 use moerge_sdk::plan::{Granularity, ModulePlan, Router};
 use moerge_sdk::policy::{FitContext, Fitted, Policy, PolicyError};
+
+/// The routers' default learning rate (lower than the other trained policies').
+const LEARNING_RATE: f64 = 0.01;
 
 #[derive(Default)]
 pub struct SgdRouter;
