@@ -5,7 +5,6 @@
 
 use moerge_sdk::optimize::{OptimizeOptions, RouterInit};
 use moerge_sdk::params::{ParamSpec, ParamValue, Params};
-
 use moerge_sdk::plan::{Granularity, ModulePlan, Router};
 use moerge_sdk::policy::{FitContext, Fitted, Policy, PolicyError};
 
