@@ -1,6 +1,8 @@
 //! Small dense linear algebra for policies, in f64 and without dependencies: the symmetric
 //! eigen-decomposition that truncated SVDs through a Gram matrix need (an `N × N` problem for
-//! `N` experts, or `r × r` for one module's factors), so plugins never form large deltas.
+//! `N` experts, or `r × r` for one module's factors), so plugins never form large deltas; and,
+//! for merges that do need entries (TIES, DARE), a module's dense delta ([`dense_delta`]) and
+//! the truncated SVD that turns a merged delta back into factors ([`low_rank`]).
 //!
 //! ```
 //! use moerge_sdk::linalg::symmetric_eigen;
@@ -80,6 +82,67 @@ pub fn symmetric_eigen(a: &[f64], n: usize) -> (Vec<f64>, Vec<f64>) {
         }
     }
     (values, vectors)
+}
+
+/// `scale · B A` of one module as a dense `out × in` matrix (row-major): for the small models
+/// and one-module-at-a-time merges that need entries (TIES, DARE, magnitude pruning).
+pub fn dense_delta(m: &crate::policy::ModuleFactors<'_>) -> Vec<f64> {
+    let (rank, inputs) = (m.rank, m.in_features);
+    (0..m.out_features * inputs)
+        .map(|k| {
+            let (i, j) = (k / inputs, k % inputs);
+            let dot: f64 = (0..rank)
+                .map(|t| f64::from(m.b[i * rank + t]) * f64::from(m.a[t * inputs + j]))
+                .sum();
+            m.scale * dot
+        })
+        .collect()
+}
+
+/// The best rank-`rank` factors of the `out × in` matrix `m` (row-major): `(a, b)` with `a`
+/// `[rank, in]` and `b` `[out, rank]`, `b a` the truncated SVD of `m`. Computed from the
+/// eigenvectors of the smaller Gram matrix, so no division by small singular values.
+pub fn low_rank(m: &[f64], out: usize, inputs: usize, rank: usize) -> (Vec<f64>, Vec<f64>) {
+    let at = |i: usize, j: usize| m[i * inputs + j];
+    if inputs <= out {
+        // mᵀm = V Σ² Vᵀ: a = V_rᵀ, b = m V_r.
+        let gram: Vec<f64> = (0..inputs * inputs)
+            .map(|k| {
+                (0..out)
+                    .map(|t| at(t, k / inputs) * at(t, k % inputs))
+                    .sum()
+            })
+            .collect();
+        let (_, v) = symmetric_eigen(&gram, inputs);
+        let a: Vec<f64> = (0..rank * inputs)
+            .map(|k| v[(k % inputs) * inputs + k / inputs])
+            .collect();
+        let b = (0..out * rank)
+            .map(|k| {
+                (0..inputs)
+                    .map(|j| at(k / rank, j) * a[(k % rank) * inputs + j])
+                    .sum()
+            })
+            .collect();
+        (a, b)
+    } else {
+        // m mᵀ = U Σ² Uᵀ: b = U_r, a = U_rᵀ m.
+        let gram: Vec<f64> = (0..out * out)
+            .map(|k| (0..inputs).map(|t| at(k / out, t) * at(k % out, t)).sum())
+            .collect();
+        let (_, u) = symmetric_eigen(&gram, out);
+        let b: Vec<f64> = (0..out * rank)
+            .map(|k| u[(k / rank) * out + k % rank])
+            .collect();
+        let a = (0..rank * inputs)
+            .map(|k| {
+                (0..out)
+                    .map(|i| b[i * rank + k / inputs] * at(i, k % inputs))
+                    .sum()
+            })
+            .collect();
+        (a, b)
+    }
 }
 
 #[cfg(test)]

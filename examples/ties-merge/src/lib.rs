@@ -9,6 +9,7 @@ pub mod ties;
 
 use std::collections::BTreeMap;
 
+use moerge_sdk::linalg::{dense_delta, low_rank};
 use moerge_sdk::params::{ParamSpec, Params};
 use moerge_sdk::plan::{fixed_a_name, fixed_b_name, ModulePlan};
 use moerge_sdk::policy::{FitContext, Fitted, Policy, PolicyError, TensorData};
@@ -63,14 +64,14 @@ impl Policy for TiesMerge {
             let deltas: Vec<Vec<f64>> = experts
                 .iter()
                 .map(|e| match e.module(module) {
-                    Some(m) => dense_delta(m.a, m.b, m.scale, m.rank, inputs, out),
+                    Some(m) => dense_delta(m),
                     None => vec![0.0; out * inputs],
                 })
                 .collect();
             let merged = ties::ties(&deltas, &weights, density);
             let full: usize = views.iter().map(|m| m.rank).sum();
             let r = rank.unwrap_or(full).min(inputs.min(out));
-            let (a, b) = ties::low_rank(&merged, out, inputs, r);
+            let (a, b) = low_rank(&merged, out, inputs, r);
             let f32s = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect();
             let a = TensorData {
                 shape: vec![r, inputs],
@@ -87,26 +88,6 @@ impl Policy for TiesMerge {
         }
         Ok(Fitted { plan, tensors })
     }
-}
-
-/// `scale · B A` as a dense `out × in` matrix (row-major).
-pub fn dense_delta(
-    a: &[f32],
-    b: &[f32],
-    scale: f64,
-    rank: usize,
-    inputs: usize,
-    out: usize,
-) -> Vec<f64> {
-    (0..out * inputs)
-        .map(|k| {
-            let (i, j) = (k / inputs, k % inputs);
-            let dot: f64 = (0..rank)
-                .map(|t| f64::from(b[i * rank + t]) * f64::from(a[t * inputs + j]))
-                .sum();
-            scale * dot
-        })
-        .collect()
 }
 
 fn parse_weights(text: &str, n: usize) -> Result<Vec<f64>, PolicyError> {

@@ -1,7 +1,6 @@
-//! TIES merging (Yadav et al. 2023) of dense deltas, with PEFT's `ties` semantics, and the
-//! truncated SVD that turns the merged delta back into LoRA factors (PEFT's `ties_svd`).
-
-use moerge_sdk::linalg::symmetric_eigen;
+//! TIES merging (Yadav et al. 2023) of dense deltas, with PEFT's `ties` semantics. The
+//! truncated SVD that turns the merged delta back into LoRA factors (PEFT's `ties_svd`) is
+//! `moerge_sdk::linalg::low_rank`.
 
 /// Keeps the `density` fraction of largest-magnitude entries (`floor(density · len)`, as
 /// PEFT's magnitude pruning), zeroing the rest.
@@ -34,50 +33,4 @@ pub fn ties(deltas: &[Vec<f64>], weights: &[f64], density: f64) -> Vec<f64> {
             sum / count.max(1) as f64
         })
         .collect()
-}
-
-/// The best rank-`rank` factors of the `out × in` matrix `m` (row-major): `(a, b)` with `a`
-/// `[rank, in]` and `b` `[out, rank]`, `b a` the truncated SVD of `m`. Computed from the
-/// eigenvectors of the smaller Gram matrix, so no division by small singular values.
-pub fn low_rank(m: &[f64], out: usize, inputs: usize, rank: usize) -> (Vec<f64>, Vec<f64>) {
-    let at = |i: usize, j: usize| m[i * inputs + j];
-    if inputs <= out {
-        // mᵀm = V Σ² Vᵀ: a = V_rᵀ, b = m V_r.
-        let gram: Vec<f64> = (0..inputs * inputs)
-            .map(|k| {
-                (0..out)
-                    .map(|t| at(t, k / inputs) * at(t, k % inputs))
-                    .sum()
-            })
-            .collect();
-        let (_, v) = symmetric_eigen(&gram, inputs);
-        let a: Vec<f64> = (0..rank * inputs)
-            .map(|k| v[(k % inputs) * inputs + k / inputs])
-            .collect();
-        let b = (0..out * rank)
-            .map(|k| {
-                (0..inputs)
-                    .map(|j| at(k / rank, j) * a[(k % rank) * inputs + j])
-                    .sum()
-            })
-            .collect();
-        (a, b)
-    } else {
-        // m mᵀ = U Σ² Uᵀ: b = U_r, a = U_rᵀ m.
-        let gram: Vec<f64> = (0..out * out)
-            .map(|k| (0..inputs).map(|t| at(k / out, t) * at(k % out, t)).sum())
-            .collect();
-        let (_, u) = symmetric_eigen(&gram, out);
-        let b: Vec<f64> = (0..out * rank)
-            .map(|k| u[(k / rank) * out + k % rank])
-            .collect();
-        let a = (0..rank * inputs)
-            .map(|k| {
-                (0..out)
-                    .map(|i| b[i * rank + k / inputs] * at(i, k % inputs))
-                    .sum()
-            })
-            .collect();
-        (a, b)
-    }
 }

@@ -1,11 +1,11 @@
 //! ties-merge through moerge-sdk's testing harness (the daemon's ABI path), against a plain-loop
 //! TIES written independently here, and the SVD reconstruction on its own.
 
+use moerge_sdk::linalg::low_rank;
 use moerge_sdk::plan::{fixed_a_name, fixed_b_name, ModulePlan};
 use moerge_sdk::policy::Fitted;
 use moerge_sdk::testing::{random_expert, FitRequest, Harness, Rng, TestExpert, TestServices};
 use ties_merge::moerge_policy_declaration;
-use ties_merge::ties::low_rank;
 
 const Q: &str = "model.layers.0.self_attn.q_proj";
 const FC: &str = "model.layers.0.mlp.fc1";
