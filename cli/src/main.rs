@@ -62,6 +62,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
         },
         Command::Eval(a) if a.report.policies.is_some() => report::run(&a),
         Command::Plot(a) => report::plot(&a),
+        Command::Interpolate(a) => report::interpolate::run(&a),
         Command::Eval(a) => match a.model.local() {
             Some(local) => train::eval(&a, &local),
             None => remote::run(remote::use_model::eval(&a)),

@@ -137,6 +137,9 @@ pub enum ModulePlan {
         /// expert.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         groups: Vec<Group>,
+        /// What the routing weights mix: the units' outputs (the default) or their factors.
+        #[serde(default, skip_serializing_if = "Mix::is_outputs")]
+        mix: Mix,
     },
     /// A LoRA update the plan carries itself, read from its tensor file as
     /// [`fixed_a_name`] `[r, in]` and [`fixed_b_name`] `[out, r]` with scale 1: what merges
@@ -185,6 +188,38 @@ pub struct Group {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     pub weights: Vec<f64>,
+}
+
+/// What a routed module's weights `c_u` mix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mix {
+    /// The units' outputs: `Σ_u c_u s_u B_u A_u x` (PEFT's and mttl's Arrow).
+    #[default]
+    Outputs,
+    /// The units' factors: `A(x) = Σ_u c_u √s_u A_u`, `B(x) = Σ_u c_u √s_u B_u`, update
+    /// `B(x) A(x) x` (the paper's "routed model parameters", an input-dependent low-rank merge).
+    /// Needs one expert per unit (no `groups`) and equal ranks within each module.
+    Factors,
+}
+
+impl Mix {
+    /// The names a plan and a policy parameter use, default first.
+    pub const NAMES: [&'static str; 2] = ["outputs", "factors"];
+
+    /// Whether this is the default, [`Mix::Outputs`] (left out when a plan is written).
+    pub fn is_outputs(&self) -> bool {
+        *self == Mix::Outputs
+    }
+
+    /// The mode named `name` (one of [`Mix::NAMES`]).
+    pub fn from_name(name: &str) -> Option<Mix> {
+        match name {
+            "outputs" => Some(Mix::Outputs),
+            "factors" => Some(Mix::Factors),
+            _ => None,
+        }
+    }
 }
 
 /// What one routing decision covers.
@@ -397,9 +432,18 @@ impl Plan {
                 top_k,
                 temperature,
                 groups,
+                mix,
                 ..
             } = plan
             {
+                if *mix == Mix::Factors && !groups.is_empty() {
+                    return field(
+                        format!("{path}.routed.mix"),
+                        "is \"factors\", which mixes single experts' factors; it cannot be \
+                         combined with groups (use \"outputs\")"
+                            .into(),
+                    );
+                }
                 for (g, group) in groups.iter().enumerate() {
                     self.check_weights(&format!("{path}.routed.groups[{g}]"), &group.weights)?;
                 }
@@ -676,6 +720,24 @@ mod tests {
                 "1 weights for 2 experts",
             ]),
         );
+        // Mixing factors instead of outputs: single experts only; the default stays unwritten.
+        check(
+            &plan_json(
+                r#""default": {"routed": {"router": "arrow", "top_k": 2, "mix": "factors"}}"#,
+            ),
+            Ok(()),
+        );
+        check(
+            &plan_json(
+                r#""default": {"routed": {"router": "arrow", "top_k": 1, "mix": "factors", "groups": [{"weights": [1, 0]}]}}"#,
+            ),
+            Err(&["default.routed.mix", "groups"]),
+        );
+        let outputs = Plan::from_json(&plan_json(
+            r#""default": {"routed": {"router": "arrow", "top_k": 2, "mix": "outputs"}}"#,
+        ))
+        .unwrap();
+        assert!(!outputs.to_json().contains("mix"), "{}", outputs.to_json());
         // Learned routers read their matrices from the plan's tensor file.
         check(
             &plan_json(&format!(

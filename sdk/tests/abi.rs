@@ -92,6 +92,7 @@ impl Policy for Probe {
                     temperature: 1.0,
                     granularity: Default::default(),
                     groups: vec![],
+                    mix: Default::default(),
                 };
                 if params.str("mode")? == "router" {
                     return Ok(template); // no router weights: invalid

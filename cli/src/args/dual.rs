@@ -153,12 +153,13 @@ impl EvalArgs {
 /// `moerge eval --policies all`: the paper's table, offline on a tiny-library-shaped folder.
 #[derive(Debug, Clone, Args)]
 pub struct ReportArgs {
-    /// Compare fusion policies and baselines on a library (offline, no daemon): `all`, or
-    /// a comma-separated list of rows (base, shared, oracle, oracle-cluster,
+    /// Compare fusion policies and baselines on a library (offline, no daemon): `all`,
+    /// `paper` (the paper's main table: base, shared, oracle, oracle-cluster,
     /// uniform-merge-lowrank, uniform-merge-exact, learned-merge, uniform-ensemble,
-    /// learned-ensemble, arrow, sgd-router, hierarchical). Prints each row's mean loss over
-    /// tasks ± standard error and its cost.
-    #[arg(long, value_name = "all|ROWS", conflicts_with_all = ["base", "policy", "saved", "plan", "data"])]
+    /// learned-ensemble, arrow, sgd-router, hierarchical), or a comma-separated list of rows
+    /// (an unknown name lists them all). Prints each row's mean loss over tasks ± standard
+    /// error and its cost.
+    #[arg(long, value_name = "all|paper|ROWS", conflicts_with_all = ["base", "policy", "saved", "plan", "data"])]
     pub policies: Option<String>,
     /// With --policies: the library folder (base/, experts/ with moerge.json task metadata,
     /// data/{train,valid,test}.jsonl) [default: the embedded tiny library].
@@ -173,11 +174,11 @@ pub struct ReportArgs {
     /// With --policies: score (and validate on) at most N records per task [default: all].
     #[arg(long, value_name = "N", requires = "policies")]
     pub records: Option<usize>,
-    /// With --policies: optimiser steps of the learned rows (learned merge and ensemble, SGD
-    /// router, hierarchical).
+    /// With --policies: optimiser steps of the learned rows (learned merges and ensembles,
+    /// SGD routers, hierarchical, distillation).
     #[arg(long, default_value_t = 200, requires = "policies")]
     pub steps: usize,
-    /// With --policies: experts per token of the Arrow row.
+    /// With --policies: experts per token of the Arrow rows.
     #[arg(long, default_value_t = 3, requires = "policies")]
     pub arrow_top_k: usize,
     /// With --policies: draw the figures (loss vs cost, greedy curve, routing heat map,

@@ -81,6 +81,9 @@ pub enum Command {
     Explain(ExplainArgs),
     /// Draw the figures of a saved `moerge eval --policies ... --json` report as SVG and PNG.
     Plot(PlotArgs),
+    /// Evaluate the merges (1-t)·A + t·B of two experts on both tasks' data, with the
+    /// per-example best of A and B as reference: the paper's mode-connectivity curve (offline).
+    Interpolate(InterpolateArgs),
     /// Export a plan for PEFT: a static merge as one adapter folder, an Arrow plan (offline)
     /// as its adapter list and ArrowConfig values.
     Export(ExportArgs),

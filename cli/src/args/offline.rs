@@ -193,3 +193,34 @@ pub struct PlotArgs {
     #[arg(long)]
     pub out: PathBuf,
 }
+
+#[derive(Debug, Args)]
+pub struct InterpolateArgs {
+    /// The expert at t = 0, by folder name in the library's experts/.
+    pub a: String,
+    /// The expert at t = 1.
+    pub b: String,
+    /// Points from t = 0 to t = 1, both ends included (at least 2).
+    #[arg(long, default_value_t = 11)]
+    pub steps: usize,
+    /// Where the merge is computed: exact interpolates the updates (the weights), lowrank
+    /// the factors.
+    #[arg(long, value_enum, default_value_t = SpaceArg::Exact)]
+    pub space: SpaceArg,
+    /// The library folder (base/, experts/ with moerge.json task metadata,
+    /// data/{train,valid,test}.jsonl) [default: the embedded tiny library].
+    #[arg(long, value_name = "DIR")]
+    pub tiny: Option<PathBuf>,
+    /// The split scored: the records of A's and B's tasks.
+    #[arg(long, value_enum, default_value_t = crate::args::SplitArg::Valid)]
+    pub split: crate::args::SplitArg,
+    /// At most N records per task [default: all].
+    #[arg(long, value_name = "N")]
+    pub records: Option<usize>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Draw the curve into DIR as interpolation.svg and interpolation.png.
+    #[arg(long, value_name = "DIR")]
+    pub plot: Option<PathBuf>,
+}

@@ -7,8 +7,8 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use moerge_library::{read_tensor_file, Adapter, TensorMap};
 use moerge_sdk::plan::{
-    Ensemble, EnsembleLevel, ExpertRef, Granularity, Member, MergeSpace, ModulePlan, Plan, Router,
-    PLAN_VERSION,
+    Ensemble, EnsembleLevel, ExpertRef, Granularity, Member, MergeSpace, Mix, ModulePlan, Plan,
+    Router, PLAN_VERSION,
 };
 
 use crate::args::{ExportArgs, LevelArg, PlanArrowArgs, PlanEnsembleArgs, PlanMergeArgs, SpaceArg};
@@ -122,6 +122,7 @@ pub fn arrow(args: &PlanArrowArgs) -> Result<ExitCode> {
             temperature: args.temperature,
             granularity: Granularity::Token,
             groups: Vec::new(),
+            mix: Default::default(),
         },
         modules: Default::default(),
         ensemble: None,
@@ -237,6 +238,7 @@ fn arrow_export(inputs: &PlanInputs, library: &Path) -> Result<Option<serde_json
         temperature,
         granularity,
         groups,
+        mix: Mix::Outputs,
     } = &plan.default
     else {
         return Ok(None);

@@ -5,8 +5,9 @@
 //! with the DejaVu Sans font embedded in the binary, so no system font is needed.
 //!
 //! Files: `tradeoff.rs` (loss vs cost scatter), `greedy.rs` (greedy expert selection
-//! curve), `heatmap.rs` (routing weights and expert similarity), `render.rs` (fonts, the
-//! SVG + PNG helper, ticks and text helpers).
+//! curve), `heatmap.rs` (routing weights and expert similarity), `interpolation.rs` (the
+//! mode-connectivity curve of `moerge interpolate`), `render.rs` (fonts, the SVG + PNG
+//! helper, ticks and text helpers).
 
 use std::path::{Path, PathBuf};
 
@@ -15,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 mod greedy;
 mod heatmap;
+mod interpolation;
 mod raster;
 mod render;
 #[cfg(test)]
@@ -86,6 +88,34 @@ pub struct SimilarityMatrix {
     pub similarity: Vec<Vec<f64>>,
     /// Cluster id of each expert (any `usize`; clusters are drawn in increasing id).
     pub clusters: Vec<usize>,
+}
+
+/// The loss along the merge (1-t)·A + t·B of two experts (`moerge interpolate --plot`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InterpolationCurve {
+    pub a: String,
+    pub b: String,
+    /// `lowrank` or `exact`.
+    pub space: String,
+    /// Increasing, in `[0, 1]`.
+    pub t: Vec<f64>,
+    /// Mean loss over the records of both tasks at each `t`.
+    pub loss: Vec<f64>,
+    /// Per task (at most two are drawn): its mean loss at each `t`.
+    pub tasks: Vec<(String, Vec<f64>)>,
+    /// Mean over the records of the better of A's and B's loss.
+    pub oracle: f64,
+    pub base: Option<f64>,
+}
+
+/// Draws `curve` into `dir` (created if missing) as `interpolation.svg` and `.png`.
+pub fn draw_interpolation(curve: &InterpolationCurve, dir: &Path) -> Result<Vec<PathBuf>> {
+    render::register_fonts()?;
+    let figure = interpolation::Interpolation::new(curve)
+        .context("invalid data for the `interpolation` figure")?;
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create the plot directory {}", dir.display()))?;
+    render::write_both(&figure, dir)
 }
 
 /// Everything `moerge eval --policies all --plot DIR` and `moerge plot` draw.

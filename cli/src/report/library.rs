@@ -162,7 +162,7 @@ fn pick_tasks(all: &[String], wanted: Option<&str>) -> Result<Vec<String>> {
 }
 
 /// Every adapter folder under `dir`, loaded, with its task metadata.
-fn read_experts(dir: &Path) -> Result<Vec<Expert>> {
+pub(super) fn read_experts(dir: &Path) -> Result<Vec<Expert>> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
         .with_context(|| format!("{}", dir.display()))?
         .filter_map(|e| e.ok())

@@ -7,6 +7,7 @@
 //! the figures, and `moerge plot` draws them again from the JSON.
 
 mod analysis;
+pub mod interpolate;
 mod library;
 mod rows;
 mod table;

@@ -134,8 +134,71 @@ pub fn all(args: &ReportArgs) -> Vec<RowSpec> {
             vec![steps()],
             true,
         ),
+        // Beyond the paper's main table: its other methods and their variants.
+        policy(
+            "learned-merge-per-layer",
+            "learned merge (per layer)",
+            "learned-merge",
+            vec![kv("granularity", "per_layer"), steps()],
+            true,
+        ),
+        policy(
+            "uniform-ensemble-logit",
+            "uniform ensemble (logits)",
+            "ensemble",
+            vec![kv("level", "logit")],
+            false,
+        ),
+        policy(
+            "arrow-factors",
+            &format!("Arrow (top-{}, mixing factors)", args.arrow_top_k),
+            "arrow",
+            vec![
+                kv("top_k", &args.arrow_top_k.to_string()),
+                kv("mix", "factors"),
+            ],
+            false,
+        ),
+        policy(
+            "sgd-router-factors",
+            "SGD router (mixing factors)",
+            "sgd-router",
+            vec![kv("mix", "factors"), steps()],
+            true,
+        ),
+        policy(
+            "sgd-router-top1",
+            "SGD router (top-1)",
+            "sgd-router",
+            vec![kv("top_k", "1"), steps()],
+            true,
+        ),
+        policy(
+            "sgd-router-top4",
+            "SGD router (top-4)",
+            "sgd-router",
+            vec![kv("top_k", "4"), steps()],
+            true,
+        ),
     ]
 }
+
+/// The rows of the paper's main table (`--policies paper`): baselines, merges, ensembles and
+/// routers as the paper compares them.
+pub const PAPER: [&str; 12] = [
+    "base",
+    "shared",
+    "oracle",
+    "oracle-cluster",
+    "uniform-merge-lowrank",
+    "uniform-merge-exact",
+    "learned-merge",
+    "uniform-ensemble",
+    "learned-ensemble",
+    "arrow",
+    "sgd-router",
+    "hierarchical",
+];
 
 /// The rows `--policies` names: `all`, or a comma-separated list of keys.
 pub fn chosen(args: &ReportArgs) -> Result<Vec<RowSpec>> {
@@ -143,6 +206,12 @@ pub fn chosen(args: &ReportArgs) -> Result<Vec<RowSpec>> {
     let wanted = args.policies.as_deref().unwrap_or("all").trim();
     if wanted == "all" {
         return Ok(every);
+    }
+    if wanted == "paper" {
+        return Ok(every
+            .into_iter()
+            .filter(|r| PAPER.contains(&r.key))
+            .collect());
     }
     let mut out: Vec<RowSpec> = Vec::new();
     for key in wanted.split(',').map(str::trim) {
@@ -152,7 +221,7 @@ pub fn chosen(args: &ReportArgs) -> Result<Vec<RowSpec>> {
             None => {
                 let keys: Vec<&str> = every.iter().map(|r| r.key).collect();
                 crate::exit::invalid!(
-                    "--policies: no row {key:?}; use all or some of {}",
+                    "--policies: no row {key:?}; use all, paper or some of {}",
                     keys.join(", ")
                 )
             }

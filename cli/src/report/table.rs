@@ -28,6 +28,43 @@ pub fn findings(rows: &[RowResult]) -> Vec<Finding> {
         false,
         "learned ensemble ≤ uniform ensemble",
     );
+    less(
+        "uniform-ensemble",
+        "uniform-ensemble-logit",
+        true,
+        "probability ensembling < logit ensembling",
+    );
+    less(
+        "learned-ensemble",
+        "distilled",
+        false,
+        "learned ensemble ≤ distilled ensemble",
+    );
+    less(
+        "distilled",
+        "uniform-ensemble",
+        false,
+        "distilled ensemble ≤ uniform ensemble",
+    );
+    less(
+        "learned-merge-per-layer",
+        "learned-merge",
+        false,
+        "learned merge per layer ≤ global learned merge",
+    );
+    less(
+        "uniform-ensemble",
+        "lp-ensemble",
+        true,
+        "uniform ensemble < LP ensemble",
+    );
+    let row = |key: &str| rows.iter().find(|r| r.key == key);
+    if let (Some(lp), Some(uniform)) = (row("lp-ensemble"), row("uniform-ensemble")) {
+        out.push(Finding {
+            claim: "LP ensemble is sparser than the uniform ensemble".into(),
+            holds: lp.passes_per_token < uniform.passes_per_token,
+        });
+    }
     let fusions: Vec<&RowResult> = rows
         .iter()
         .filter(|r| {

@@ -5,8 +5,11 @@
 //!    LoRA bytes read, next to a plain memory copy of the same bytes in the same run.
 //!    Reference (issue): PEFT 0.21 add_weighted_adapter linear 85 / 83 / 196 ms.
 //! 2. Forward tokens/s of a low-rank merge of 4 (unfolded), a folded merge of 4, Arrow top-2
-//!    of 4 and a 4-way probability ensemble (members stacked in one batch, and one by one),
-//!    as ratios to one unmerged adapter, on the tiny
+//!    of 4 (mixing outputs, and mixing factors), a plan-carried rank-8 update (what TIES, DARE,
+//!    magnitude pruning and distillation produce), a layer-wise plan (layer 0 routed, the rest
+//!    merged), a 2-of-4 ensemble (a sparse LP solution) and a 4-way probability ensemble
+//!    (members stacked in one batch, and one by one), as ratios to one unmerged adapter, on the
+//!    tiny
 //!    Phi and tiny Llama (8 x 128 tokens). Reference (issue, PEFT at 8x128 on the tiny Phi):
 //!    Arrow top-2 about 59k tok/s, a 4-way ensemble about 31k tok/s.
 
@@ -18,10 +21,10 @@ use std::time::{Duration, Instant};
 use candle_core::{Device, Tensor};
 use common::*;
 use moerge_engine::{merge, BaseModel, FusedModel, KvCache, LanguageModel, Precision};
-use moerge_library::Adapter;
+use moerge_library::{Adapter, F32Tensor, TensorMap};
 use moerge_sdk::plan::{
-    Ensemble, EnsembleLevel, ExpertRef, Granularity, Member, MergeSpace, ModulePlan, Plan, Router,
-    PLAN_VERSION,
+    fixed_a_name, fixed_b_name, Ensemble, EnsembleLevel, ExpertRef, Granularity, Member,
+    MergeSpace, Mix, ModulePlan, Plan, Router, PLAN_VERSION,
 };
 
 #[global_allocator]
@@ -57,9 +60,61 @@ fn arrow_plan(experts: &[Adapter]) -> Plan {
             temperature: 1.0,
             granularity: Granularity::Token,
             groups: Vec::new(),
+            mix: Default::default(),
         },
         ..plan(experts, MergeSpace::Exact)
     }
+}
+
+/// Arrow top-2 mixing the experts' factors instead of their outputs.
+fn arrow_factors_plan(experts: &[Adapter]) -> Plan {
+    let mut p = arrow_plan(experts);
+    if let ModulePlan::Routed { mix, .. } = &mut p.default {
+        *mix = Mix::Factors;
+    }
+    p
+}
+
+/// What TIES, DARE, magnitude pruning and distillation produce: one rank-`r` update per
+/// module carried by the plan (here random factors), and the tensors holding it.
+fn fixed_plan(experts: &[Adapter], r: usize) -> (Plan, TensorMap) {
+    let mut tensors = TensorMap::new();
+    let mut seed = 1u64;
+    let mut next = || {
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+        ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.02
+    };
+    for (module, m) in experts[0].modules() {
+        let a = (0..r * m.in_features).map(|_| next()).collect();
+        let b = (0..m.out_features * r).map(|_| next()).collect();
+        let tensor = |shape: Vec<usize>, data| F32Tensor { shape, data };
+        tensors.insert(fixed_a_name(module), tensor(vec![r, m.in_features], a));
+        tensors.insert(fixed_b_name(module), tensor(vec![m.out_features, r], b));
+    }
+    let p = Plan {
+        default: ModulePlan::Fixed,
+        tensors: Some("0".repeat(64)),
+        ..plan(experts, MergeSpace::Exact)
+    };
+    (p, tensors)
+}
+
+/// Mediator-style layer-wise: layer 0 routed (Arrow top-2), the rest a low-rank merge.
+fn layerwise_plan(experts: &[Adapter]) -> Plan {
+    let mut p = plan(experts, MergeSpace::LowRank);
+    p.modules
+        .insert("model.layers.0".into(), arrow_plan(experts).default);
+    p
+}
+
+/// An ensemble of the first `k` experts only (what a sparse LP solution runs).
+fn sparse_ensemble_plan(experts: &[Adapter], k: usize) -> Plan {
+    let mut p = ensemble_plan(experts);
+    if let Some(e) = &mut p.ensemble {
+        e.members.truncate(k);
+        e.members.iter_mut().for_each(|m| m.weight = 1.0 / k as f64);
+    }
+    p
 }
 
 fn ensemble_plan(experts: &[Adapter]) -> Plan {
@@ -228,6 +283,32 @@ fn serving_cost(label: &str, dir: &std::path::Path, targets: &[&str]) {
                 base.with_plan(&arrow_plan(&experts), &experts, &Default::default())
                     .unwrap(),
             ),
+        ),
+        (
+            "arrow top-2, factors",
+            single(
+                base.with_plan(&arrow_factors_plan(&experts), &experts, &Default::default())
+                    .unwrap(),
+            ),
+        ),
+        (
+            "fixed rank 8 (TIES..)",
+            single({
+                let (p, tensors) = fixed_plan(&experts, 8);
+                base.with_plan(&p, &experts, &tensors).unwrap()
+            }),
+        ),
+        (
+            "layerwise 1 routed",
+            single(
+                base.with_plan(&layerwise_plan(&experts), &experts, &Default::default())
+                    .unwrap(),
+            ),
+        ),
+        (
+            "2-of-4 ensemble (LP)",
+            base.fuse(&sparse_ensemble_plan(&experts, 2), &experts)
+                .unwrap(),
         ),
         (
             "4-way prob ensemble",

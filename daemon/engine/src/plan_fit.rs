@@ -11,10 +11,11 @@ use std::ops::ControlFlow;
 
 use candle_core::{DType, Device, Tensor, Var};
 use moerge_library::{Adapter, F32Tensor, LoraModule, TensorMap};
-use moerge_sdk::plan::{self, Granularity, MergeSpace, ModulePlan, Plan, Router};
+use moerge_sdk::plan::{self, Granularity, MergeSpace, Mix, ModulePlan, Plan, Router};
 
 use crate::error::{EngineError, Result};
 use crate::model::BaseModel;
+use crate::routing::{mix_factors, FactorStacks};
 use crate::trainer::{self, Example, StepReport, TrainOptions, TrainSummary};
 
 /// How a learned router starts when the template has no matrix for it.
@@ -100,6 +101,15 @@ enum FitKind {
         b_all: Tensor,
         rank: usize,
     },
+    /// A learned router mixing the experts' factors (`routing::mix_factors`).
+    RoutedFactors {
+        weight: Tensor,
+        bias: Tensor,
+        stacks: FactorStacks,
+        top_k: usize,
+        temperature: f64,
+        granularity: Granularity,
+    },
     /// A learned router over units (`unit_cols` `[U, Σr]`).
     Routed {
         weight: Tensor,
@@ -143,6 +153,22 @@ impl FitModule {
                 let cols = coeffs.matmul(unit_cols)?.broadcast_mul(&col_weights)?;
                 let xa = x2.matmul(&self.a_stack)?;
                 Ok((xa * cols)?.matmul(&self.b_stack)?)
+            }
+            FitKind::RoutedFactors {
+                weight,
+                bias,
+                stacks,
+                top_k,
+                temperature,
+                granularity,
+            } => {
+                let input = match granularity {
+                    Granularity::Token => x2.clone(),
+                    Granularity::Sequence => prefix_means(x2, lead)?,
+                };
+                let scores = input.matmul(&weight.t()?)?.broadcast_add(bias)?;
+                let coeffs = masked_top_k_softmax(&scores, *top_k, *temperature)?;
+                mix_factors(x2, &coeffs, stacks)
             }
         }
     }
@@ -376,6 +402,7 @@ fn fit_module(
             temperature,
             granularity,
             groups,
+            mix,
             ..
         } => {
             let (router_weight, router_bias) = router_start(
@@ -413,25 +440,40 @@ fn fit_module(
                 (router_weight, router_bias)
             };
             let u = unit_cols.dim(0)?;
-            Ok(Some(FitModule {
-                a_stack,
-                b_stack,
-                member_cols,
-                members: members_t,
-                kind: FitKind::Routed {
+            let kind = if *mix == Mix::Factors {
+                let mut by_expert = vec![None; n];
+                for &(i, e, m) in &parts {
+                    by_expert[i] = Some((e, m));
+                }
+                FitKind::RoutedFactors {
+                    weight,
+                    bias,
+                    stacks: FactorStacks::of_experts(module, &by_expert)?,
+                    top_k: (*top_k).min(u),
+                    temperature: *temperature,
+                    granularity: *granularity,
+                }
+            } else {
+                FitKind::Routed {
                     weight,
                     bias,
                     unit_cols,
                     top_k: (*top_k).min(u),
                     temperature: *temperature,
                     granularity: *granularity,
-                },
+                }
+            };
+            Ok(Some(FitModule {
+                a_stack,
+                b_stack,
+                member_cols,
+                members: members_t,
+                kind,
             }))
         }
         _ => Ok(None),
     }
 }
-
 fn units_of(groups: &[plan::Group], experts: usize) -> usize {
     if groups.is_empty() {
         experts
@@ -587,6 +629,7 @@ fn router_start(
                     temperature,
                     granularity,
                     groups,
+                    mix,
                     ..
                 } => ModulePlan::Routed {
                     router: Router::Arrow,
@@ -594,6 +637,7 @@ fn router_start(
                     temperature: *temperature,
                     granularity: *granularity,
                     groups: groups.clone(),
+                    mix: *mix,
                 },
                 other => other.clone(),
             };

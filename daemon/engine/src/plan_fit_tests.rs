@@ -134,12 +134,22 @@ fn merge_weight_gradients_equal_finite_differences_of_the_served_merge() {
 }
 
 fn learned(top_k: usize, granularity: Granularity, groups: Vec<Group>) -> ModulePlan {
+    learned_mixing(top_k, granularity, groups, Mix::Outputs)
+}
+
+fn learned_mixing(
+    top_k: usize,
+    granularity: Granularity,
+    groups: Vec<Group>,
+    mix: Mix,
+) -> ModulePlan {
     ModulePlan::Routed {
         router: Router::Learned,
         top_k,
         temperature: 0.7,
         granularity,
         groups,
+        mix,
     }
 }
 
@@ -147,8 +157,12 @@ fn learned(top_k: usize, granularity: Granularity, groups: Vec<Group>) -> Module
 fn router_gradients_equal_finite_differences_of_the_served_router() {
     let (base, experts, data) = setup();
     let module = "model.layers.0.mlp.fc1";
-    for granularity in [Granularity::Token, Granularity::Sequence] {
-        let mut template = plan_of(&experts, learned(3, granularity, vec![]));
+    for (granularity, mix) in [
+        (Granularity::Token, Mix::Outputs),
+        (Granularity::Sequence, Mix::Outputs),
+        (Granularity::Token, Mix::Factors),
+    ] {
+        let mut template = plan_of(&experts, learned_mixing(3, granularity, vec![], mix));
         template.tensors = Some("0".repeat(64));
         let opts = PlanFitOptions {
             routers: true,
@@ -179,7 +193,11 @@ fn router_gradients_equal_finite_differences_of_the_served_router() {
                     serving_loss(&base, &experts, &template, &t, &data)
                 };
                 let fd = (loss_at(EPS) - loss_at(-EPS)) / (2.0 * EPS);
-                close(grads[i], fd, &format!("{granularity:?} {name}[{i}]"));
+                close(
+                    grads[i],
+                    fd,
+                    &format!("{granularity:?} {mix:?} {name}[{i}]"),
+                );
             }
         }
     }

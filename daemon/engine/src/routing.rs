@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use candle_core::{DType, Device, Tensor};
 use moerge_library::{Adapter, LoraModule, TensorMap};
-use moerge_sdk::plan::{self, Granularity, ModulePlan, Plan, Router};
+use moerge_sdk::plan::{self, Granularity, Mix, ModulePlan, Plan, Router};
 
 use crate::arrow;
 use crate::error::{EngineError, Result};
@@ -29,17 +29,115 @@ pub(crate) enum Scorer {
 #[derive(Debug, Clone)]
 pub(crate) struct RoutedModule {
     pub scorer: Scorer,
-    /// `[in, Σr]`: the units' `Aᵀ` side by side.
-    pub a_stack: Tensor,
-    /// `[Σr, out]`: the units' `(w s B)ᵀ` stacked.
-    pub b_stack: Tensor,
-    /// `[U, Σr]`: 1 where a column belongs to the unit, spreading each weight over its rank.
-    pub expand: Tensor,
+    pub stacks: Stacks,
     pub top_k: usize,
     pub temperature: f64,
     pub granularity: Granularity,
     /// Unit names (expert or group names), in router order: what traces report.
     pub units: Vec<String>,
+}
+
+/// The units' factors, laid out for the plan's [`Mix`].
+#[derive(Debug, Clone)]
+pub(crate) enum Stacks {
+    /// Output mixing, `Σ_u c_u ΔW_u x`.
+    Outputs {
+        /// `[in, Σr]`: the units' `Aᵀ` side by side.
+        a_stack: Tensor,
+        /// `[Σr, out]`: the units' `(w s B)ᵀ` stacked.
+        b_stack: Tensor,
+        /// `[U, Σr]`: 1 where a column belongs to the unit, spreading each weight over its
+        /// rank.
+        expand: Tensor,
+    },
+    /// Factor mixing, `(Σ_u c_u √s_u B_u)(Σ_u c_u √s_u A_u) x`: see [`mix_factors`].
+    Factors(FactorStacks),
+}
+
+/// Every unit's `√s A` and `√s B` (equal ranks `r`), for [`mix_factors`].
+#[derive(Debug, Clone)]
+pub(crate) struct FactorStacks {
+    /// `[in, U·r]`: unit `u`'s `√s_u A_uᵀ` in columns `u·r..(u+1)·r`.
+    pub a_cat: Tensor,
+    /// `[r, U·out]`: unit `u`'s `√s_u B_uᵀ` in columns `u·out..(u+1)·out`.
+    pub b_cat: Tensor,
+    pub rank: usize,
+}
+
+/// The factor-mixed update for inputs `x2` `[n, in]` and routing weights `coeffs` `[n, U]`:
+/// per row, `h = Σ_u c_u (√s_u A_u x)` `[r]`, then `Σ_u c_u (√s_u B_u h)`. Differentiable in
+/// `coeffs` and in the stacks (the fitting path shares it).
+pub(crate) fn mix_factors(x2: &Tensor, coeffs: &Tensor, f: &FactorStacks) -> Result<Tensor> {
+    let (n, units) = coeffs.dims2()?;
+    let c = coeffs.unsqueeze(2)?; // [n, U, 1]
+    let xa = x2.matmul(&f.a_cat)?.reshape((n, units, f.rank))?;
+    let h = xa.broadcast_mul(&c)?.sum(1)?; // [n, r]
+    let hb = h.matmul(&f.b_cat)?.reshape((n, units, ()))?;
+    Ok(hb.broadcast_mul(&c)?.sum(1)?)
+}
+
+impl FactorStacks {
+    /// The stacks of units given as `(√s A [r, in], √s B [out, r])` per unit, f32 row-major;
+    /// a unit without the module is `None` (zeros).
+    fn new(
+        units: &[Option<(Vec<f32>, Vec<f32>)>],
+        rank: usize,
+        inp: usize,
+        out: usize,
+    ) -> Result<Self> {
+        let u = units.len();
+        let mut a_cat = vec![0f32; inp * u * rank];
+        let mut b_cat = vec![0f32; rank * u * out];
+        for (i, unit) in units.iter().enumerate() {
+            let Some((a, b)) = unit else { continue };
+            for k in 0..rank {
+                for j in 0..inp {
+                    a_cat[j * u * rank + i * rank + k] = a[k * inp + j];
+                }
+                for o in 0..out {
+                    b_cat[k * u * out + i * out + o] = b[o * rank + k];
+                }
+            }
+        }
+        let dev = Device::Cpu;
+        Ok(FactorStacks {
+            a_cat: Tensor::from_vec(a_cat, (inp, u * rank), &dev)?,
+            b_cat: Tensor::from_vec(b_cat, (rank, u * out), &dev)?,
+            rank,
+        })
+    }
+
+    /// Every expert of `parts` as its own unit (`None` where it lacks the module), with the
+    /// scale split evenly over the factors; refuses unequal ranks, naming the module and
+    /// expert.
+    pub(crate) fn of_experts(
+        module: &str,
+        parts: &[Option<(&Adapter, &LoraModule)>],
+    ) -> Result<Self> {
+        let Some((_, first)) = parts.iter().flatten().next() else {
+            return Err(plan_error(format!("module {module}: no expert adapts it")));
+        };
+        let (rank, inp, out) = (first.rank, first.in_features, first.out_features);
+        if let Some((e, m)) = parts.iter().flatten().find(|(_, m)| m.rank != rank) {
+            return Err(plan_error(format!(
+                "module {module}: mix \"factors\" needs equal ranks, but expert {} has r={} and \
+                 another r={rank}; use mix \"outputs\"",
+                e.name(),
+                m.rank
+            )));
+        }
+        let units: Vec<_> = parts
+            .iter()
+            .map(|p| {
+                p.map(|(e, m)| {
+                    let c = m.scale.sqrt() as f32;
+                    let scaled = |t| e.tensor_f32(t).iter().map(|v| c * v).collect::<Vec<f32>>();
+                    (scaled(&m.a), scaled(&m.b))
+                })
+            })
+            .collect();
+        Self::new(&units, rank, inp, out)
+    }
 }
 
 fn plan_error(message: String) -> EngineError {
@@ -83,6 +181,7 @@ pub(crate) fn routed_module(
         temperature,
         granularity,
         groups,
+        mix,
     } = plan.module(module)
     else {
         return Ok(None);
@@ -174,11 +273,24 @@ pub(crate) fn routed_module(
         },
         Router::Learned => learned_scorer(module, u, inp, tensors)?,
     };
+    let stacks = match mix {
+        Mix::Outputs => Stacks::Outputs {
+            a_stack: Tensor::from_vec(a_stack, (inp, total), &dev)?,
+            b_stack: Tensor::from_vec(b_stack, (total, out_features), &dev)?,
+            expand: Tensor::from_vec(expand, (u, total), &dev)?,
+        },
+        // Plans refuse groups with factor mixing, so every unit is one expert (or none).
+        Mix::Factors => {
+            let parts: Vec<_> = units
+                .iter()
+                .map(|(_, p)| p.first().map(|(_, e, m)| (*e, *m)))
+                .collect();
+            Stacks::Factors(FactorStacks::of_experts(module, &parts)?)
+        }
+    };
     Ok(Some(RoutedModule {
         scorer,
-        a_stack: Tensor::from_vec(a_stack, (inp, total), &dev)?,
-        b_stack: Tensor::from_vec(b_stack, (total, out_features), &dev)?,
-        expand: Tensor::from_vec(expand, (u, total), &dev)?,
+        stacks,
         top_k: (*top_k).min(u),
         temperature: *temperature,
         granularity: *granularity,
@@ -266,9 +378,25 @@ impl RoutedModule {
         let coeffs = top_k_softmax(&scores, self.top_k, self.temperature)?;
         note(module, &self.units, &coeffs);
         let coeffs = coeffs.to_dtype(dtype)?;
-        let xa = x2.matmul(&self.a_stack.to_dtype(dtype)?)?;
-        let weighted = (xa * coeffs.matmul(&self.expand.to_dtype(dtype)?)?)?;
-        Ok(weighted.matmul(&self.b_stack.to_dtype(dtype)?)?)
+        match &self.stacks {
+            Stacks::Outputs {
+                a_stack,
+                b_stack,
+                expand,
+            } => {
+                let xa = x2.matmul(&a_stack.to_dtype(dtype)?)?;
+                let weighted = (xa * coeffs.matmul(&expand.to_dtype(dtype)?)?)?;
+                Ok(weighted.matmul(&b_stack.to_dtype(dtype)?)?)
+            }
+            Stacks::Factors(f) => {
+                let f = FactorStacks {
+                    a_cat: f.a_cat.to_dtype(dtype)?,
+                    b_cat: f.b_cat.to_dtype(dtype)?,
+                    rank: f.rank,
+                };
+                mix_factors(x2, &coeffs, &f)
+            }
+        }
     }
 }
 
@@ -429,6 +557,61 @@ mod tests {
             .unwrap();
         for (g, w) in got.iter().zip(&want) {
             assert!((g - w).abs() < 1e-6, "{got:?} vs {want:?}");
+        }
+    }
+
+    /// Factor mixing in plain loops: `h = Σ_u c_u A'_u x`, `y = Σ_u c_u B'_u h`.
+    #[test]
+    fn mix_factors_equals_plain_loops() {
+        let (n, units, r, inp, out) = (3, 4, 2, 5, 6);
+        let mut seed = 7u64;
+        let mut next = || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+            ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        };
+        let a: Vec<Vec<f32>> = (0..units)
+            .map(|_| (0..r * inp).map(|_| next()).collect())
+            .collect();
+        let b: Vec<Vec<f32>> = (0..units)
+            .map(|_| (0..out * r).map(|_| next()).collect())
+            .collect();
+        let x: Vec<f32> = (0..n * inp).map(|_| next()).collect();
+        let c: Vec<f32> = (0..n * units).map(|_| next().abs()).collect();
+        // Unit 2 lacks the module: zeros.
+        let parts: Vec<_> = (0..units)
+            .map(|u| (u != 2).then(|| (a[u].clone(), b[u].clone())))
+            .collect();
+        let stacks = FactorStacks::new(&parts, r, inp, out).unwrap();
+        let dev = Device::Cpu;
+        let got = mix_factors(
+            &Tensor::from_vec(x.clone(), (n, inp), &dev).unwrap(),
+            &Tensor::from_vec(c.clone(), (n, units), &dev).unwrap(),
+            &stacks,
+        )
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+        for row in 0..n {
+            let mut h = vec![0f64; r];
+            for u in (0..units).filter(|&u| u != 2) {
+                for (k, hk) in h.iter_mut().enumerate() {
+                    let ax: f64 = (0..inp)
+                        .map(|j| f64::from(a[u][k * inp + j]) * f64::from(x[row * inp + j]))
+                        .sum();
+                    *hk += f64::from(c[row * units + u]) * ax;
+                }
+            }
+            for o in 0..out {
+                let want: f64 = (0..units)
+                    .filter(|&u| u != 2)
+                    .map(|u| {
+                        let bh: f64 = (0..r).map(|k| f64::from(b[u][o * r + k]) * h[k]).sum();
+                        f64::from(c[row * units + u]) * bh
+                    })
+                    .sum();
+                let g = f64::from(got[row][o]);
+                assert!((g - want).abs() < 1e-5, "row {row} out {o}: {g} vs {want}");
+            }
         }
     }
 

@@ -64,6 +64,7 @@ fn arrow_plan(experts: &[Adapter], top_k: usize) -> moerge_sdk::plan::Plan {
             temperature: 1.0,
             granularity: Granularity::Token,
             groups: Vec::new(),
+            mix: Default::default(),
         },
         modules: Default::default(),
         ensemble: None,

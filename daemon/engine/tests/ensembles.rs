@@ -151,6 +151,7 @@ fn stacked_members_equal_members_run_one_after_another() {
         temperature: 1.0,
         granularity: moerge_sdk::plan::Granularity::Sequence,
         groups: Vec::new(),
+        mix: Default::default(),
     };
     members[3].default = ModulePlan::None;
     let FusedModel::Ensemble(stacked) = base.fuse(&plan, &experts).unwrap() else {

@@ -12,7 +12,7 @@ use moerge_engine::{inference, routing, BaseModel, KvCache, LanguageModel, Preci
 use moerge_library::{Adapter, F32Tensor, TensorMap};
 use moerge_sdk::plan::{
     fixed_a_name, fixed_b_name, router_bias_name, router_weight_name, ExpertRef, Granularity,
-    Group, MergeSpace, ModulePlan, Plan, Router, PLAN_VERSION,
+    Group, MergeSpace, Mix, ModulePlan, Plan, Router, PLAN_VERSION,
 };
 
 const ORDER: [&str; 3] = ["swapcase", "rot13", "twice"];
@@ -57,6 +57,7 @@ fn routed(
         temperature: 1.0,
         granularity,
         groups,
+        mix: Default::default(),
     }
 }
 
@@ -157,6 +158,50 @@ fn a_constant_routing_equals_the_static_merge_of_its_weights() {
     let got = base.fuse(&p, &experts).unwrap();
     let diff = max_abs_diff(&logits(&got), &logits(&want));
     assert!(diff <= TOL, "arrow group: max |diff| {diff}");
+}
+
+/// Factor mixing with a constant routing `c` is the low-rank merge with weights `c` (the
+/// factors averaged), while output mixing is the exact merge; top-1 is the expert alone in both.
+#[test]
+fn factor_mixing_is_the_low_rank_merge_of_its_weights() {
+    let (base, experts) = setup();
+    let bias = [0.5f32, 1.5, -0.25];
+    let tensors = router_tensors(&experts, 3, |_, inp| vec![0.0; 3 * inp], &bias);
+    let z: f64 = bias.iter().map(|&b| f64::from(b).exp()).sum();
+    let c: Vec<f64> = bias.iter().map(|&b| f64::from(b).exp() / z).collect();
+    let served = |top_k, mix| {
+        let mut p = plan(
+            &experts,
+            routed(Router::Learned, top_k, Granularity::Token, vec![]),
+            true,
+        );
+        if let ModulePlan::Routed { mix: m, .. } = &mut p.default {
+            *m = mix;
+        }
+        logits(&base.fuse_with(&p, &experts, &tensors).unwrap())
+    };
+    let merged = |weights: Vec<f64>, space| {
+        let merge = ModulePlan::Static {
+            weights,
+            space,
+            svd_rank: None,
+        };
+        logits(&base.fuse(&plan(&experts, merge, false), &experts).unwrap())
+    };
+    let lowrank = merged(c.clone(), MergeSpace::LowRank);
+    let exact = merged(c, MergeSpace::Exact);
+    let factors = served(3, Mix::Factors);
+    let diff = max_abs_diff(&factors, &lowrank);
+    assert!(diff <= TOL, "factors vs lowrank merge: max |diff| {diff}");
+    let diff = max_abs_diff(&served(3, Mix::Outputs), &exact);
+    assert!(diff <= TOL, "outputs vs exact merge: max |diff| {diff}");
+    // The two modes differ once several experts mix (else this test could not fail).
+    assert!(max_abs_diff(&factors, &exact) > 100.0 * TOL);
+    let alone = merged(vec![0.0, 1.0, 0.0], MergeSpace::Exact);
+    for mix in [Mix::Factors, Mix::Outputs] {
+        let diff = max_abs_diff(&served(1, mix), &alone);
+        assert!(diff <= TOL, "{mix:?} top-1: max |diff| {diff}");
+    }
 }
 
 /// The first layer's attention input for `ids`, from the checkpoint in plain loops:

@@ -4,7 +4,7 @@
 //! trained: the engine computes the prototypes from the factors (and the index caches them).
 
 use moerge_sdk::params::{ParamSpec, Params};
-use moerge_sdk::plan::{Granularity, ModulePlan, Router};
+use moerge_sdk::plan::{Granularity, Mix, ModulePlan, Router};
 use moerge_sdk::policy::{FitContext, Fitted, Policy, PolicyError};
 
 #[derive(Default)]
@@ -39,6 +39,13 @@ impl Policy for Arrow {
                 "token",
                 "route every token on its own input, or on the running mean of its sequence",
             ),
+            ParamSpec::choice(
+                "mix",
+                &Mix::NAMES,
+                "outputs",
+                "mix the chosen experts' outputs (PEFT's Arrow) or their factors (an \
+                 input-dependent low-rank merge; needs equal ranks)",
+            ),
         ]
     }
 
@@ -57,6 +64,7 @@ impl Policy for Arrow {
             temperature: params.float("temperature")?,
             granularity,
             groups: Vec::new(),
+            mix: Mix::from_name(params.str("mix")?).unwrap_or_default(),
         })))
     }
 }

@@ -99,6 +99,7 @@ impl Policy for Hierarchical {
             temperature: 1.0,
             granularity: Granularity::Token,
             groups,
+            mix: Default::default(),
         });
         let options = OptimizeOptions {
             train_routers: true,

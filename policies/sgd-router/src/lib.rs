@@ -5,7 +5,7 @@
 
 use moerge_sdk::optimize::{OptimizeOptions, RouterInit};
 use moerge_sdk::params::{ParamSpec, ParamValue, Params};
-use moerge_sdk::plan::{Granularity, ModulePlan, Router};
+use moerge_sdk::plan::{Granularity, Mix, ModulePlan, Router};
 use moerge_sdk::policy::{FitContext, Fitted, Policy, PolicyError};
 
 /// The routers' default learning rate (lower than the other trained policies').
@@ -39,6 +39,13 @@ impl Policy for SgdRouter {
                 "token",
                 "route every token, or the running mean of its sequence",
             ),
+            ParamSpec::choice(
+                "mix",
+                &Mix::NAMES,
+                "outputs",
+                "mix the chosen experts' outputs (PEFT's Arrow) or their factors (an \
+                 input-dependent low-rank merge; needs equal ranks)",
+            ),
         ];
         specs.extend(OptimizeOptions::param_specs());
         // At the shared default (0.05) the routers turn hard within a few steps and settle on
@@ -66,6 +73,7 @@ impl Policy for SgdRouter {
             temperature: params.float("temperature")?,
             granularity,
             groups: Vec::new(),
+            mix: Mix::from_name(params.str("mix")?).unwrap_or_default(),
         });
         let options = OptimizeOptions {
             train_routers: true,
