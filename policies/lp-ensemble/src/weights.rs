@@ -44,6 +44,13 @@ const ZERO: f64 = 1e-6;
 
 /// The minimax weights: `min_w max_t Σ_e w_e L[e][t]` over the simplex (`w ≥ 0`, `Σ w = 1`),
 /// where `losses[e][t]` is expert `e`'s mean loss on task `t`. See [`mixture_weights`].
+///
+/// ```
+/// use moerge_policy_lp_ensemble::weights::minimax_weights;
+/// // Two specialists and a generalist: mixing the specialists halves each one's weak task.
+/// let w = minimax_weights(&[vec![1.0, 3.0], vec![3.0, 1.0], vec![2.5, 2.5]]).unwrap();
+/// assert!((w[0] - 0.5).abs() < 1e-9 && (w[1] - 0.5).abs() < 1e-9 && w[2] < 1e-9);
+/// ```
 pub fn minimax_weights(losses: &[Vec<f64>]) -> Result<Vec<f64>, WeightsError> {
     mixture_weights(losses, Objective::Worst)
 }
