@@ -5,9 +5,10 @@
 //! its per-record losses are averaged per task into `L[e][t]`. The weights solve
 //! `min_w max_t Σ_e w_e L[e][t]` over the simplex (see [`weights::mixture_weights`]). For a
 //! probability-level mixture `-log Σ_e w_e p_e ≤ Σ_e w_e (-log p_e)` (Jensen), so the LP
-//! minimises an upper bound of every task's ensemble loss. Its optimum is a vertex with at most
-//! one nonzero weight per task, so the ensemble keeps few members and runs fewer passes per
-//! token than the uniform `ensemble`.
+//! minimises an upper bound of every task's ensemble loss. Its optimum is a vertex with no more
+//! nonzero weights than tasks, so the ensemble keeps few members and runs fewer passes per
+//! token than the uniform `ensemble`. Members are one-hot low-rank merges (the expert alone at
+//! its own rank), or one-hot exact merges when the experts' ranks differ.
 
 pub mod tasks;
 pub mod weights;
