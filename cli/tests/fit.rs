@@ -52,6 +52,8 @@ fn policies_are_listed_and_a_fitted_router_beats_the_uniform_merge() {
         "arrow",
         "sgd-router",
         "hierarchical",
+        "lp-ensemble",
+        "layerwise",
     ] {
         assert!(names.contains(&builtin), "{builtin} missing from {names:?}");
     }

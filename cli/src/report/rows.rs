@@ -180,6 +180,27 @@ pub fn all(args: &ReportArgs) -> Vec<RowSpec> {
             vec![kv("top_k", "4"), steps()],
             true,
         ),
+        policy(
+            "lp-ensemble",
+            "LP ensemble (minimax weights)",
+            "lp-ensemble",
+            vec![],
+            true,
+        ),
+        policy(
+            "layerwise",
+            &format!("layer-wise merge or Arrow top-{}", args.arrow_top_k),
+            "layerwise",
+            vec![kv("top_k", &args.arrow_top_k.to_string())],
+            false,
+        ),
+        policy(
+            "layerwise-learned",
+            "layer-wise merge or learned router",
+            "layerwise",
+            vec![kv("router", "learned"), steps()],
+            true,
+        ),
     ]
 }
 

@@ -111,6 +111,8 @@ fn built_ins_are_discovered_in_the_executables_folder() {
         "arrow",
         "sgd-router",
         "hierarchical",
+        "lp-ensemble",
+        "layerwise",
     ];
     for name in names {
         let policy = registry

@@ -261,6 +261,7 @@ impl Settings {
             temperature: 1.0,
             granularity: Granularity::Token,
             groups: Vec::new(),
+            mix: Default::default(),
         };
         let mut modules = BTreeMap::new();
         for (c, &r) in conflicts.iter().zip(routed) {

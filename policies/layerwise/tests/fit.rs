@@ -91,6 +91,7 @@ fn expected(
                     temperature: 1.0,
                     granularity: Granularity::Token,
                     groups: vec![],
+                    mix: Default::default(),
                 }
             } else {
                 ModulePlan::Static {
