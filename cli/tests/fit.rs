@@ -54,6 +54,7 @@ fn policies_are_listed_and_a_fitted_router_beats_the_uniform_merge() {
         "hierarchical",
         "lp-ensemble",
         "layerwise",
+        "peft-merge",
     ] {
         assert!(names.contains(&builtin), "{builtin} missing from {names:?}");
     }

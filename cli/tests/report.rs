@@ -101,6 +101,11 @@ fn the_paper_table_agrees_with_independent_computations_and_plots() {
             "sgd-router-factors",
             "sgd-router-top1",
             "sgd-router-top4",
+            "ties",
+            "ties-svd",
+            "dare-linear",
+            "dare-ties",
+            "magnitude-prune",
             "lp-ensemble",
             "layerwise",
             "layerwise-learned",
@@ -130,9 +135,15 @@ fn the_paper_table_agrees_with_independent_computations_and_plots() {
         assert!(r["time_vs_one_expert"].as_f64().unwrap() > 0.0, "{r}");
         assert_eq!(
             r["fit"].is_object(),
-            ["learned", "sgd-router", "hierarchical", "lp-ensemble", "layerwise-learned"]
-                .iter()
-                .any(|k| key.starts_with(k)),
+            [
+                "learned",
+                "sgd-router",
+                "hierarchical",
+                "lp-ensemble",
+                "layerwise-learned"
+            ]
+            .iter()
+            .any(|k| key.starts_with(k)),
             "{r}"
         );
     }

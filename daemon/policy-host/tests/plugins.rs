@@ -113,6 +113,7 @@ fn built_ins_are_discovered_in_the_executables_folder() {
         "hierarchical",
         "lp-ensemble",
         "layerwise",
+        "peft-merge",
     ];
     for name in names {
         let policy = registry

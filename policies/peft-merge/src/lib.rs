@@ -10,7 +10,8 @@
 //!   expert's `weight · scale` split as `±sqrt` on `A` and `sqrt` on `B`; every expert must
 //!   have the same rank on a module, and the result keeps it;
 //! - with `_svd`, the exact space: the dense deltas `scale · B A` are merged with weights
-//!   `weight · scale` (PEFT applies the scale twice on this path; we follow it), then cut back
+//!   `weight` (each scale applied once, as PEFT 0.21.2's `svd` merge and moerge's exact merge
+//!   do; PEFT's main branch applies it a second time on this path), then cut back
 //!   by a truncated SVD to `svd_rank`, by default the largest rank of any expert (PEFT's
 //!   `svd_rank or max(adapters_ranks)`), at most `min(in, out)`.
 //!
@@ -58,12 +59,12 @@ pub const COMBINATION_TYPES: [(&str, MergeFn, bool); 8] = [
 /// value of PEFT's model-merging guide for TIES and DARE; PEFT itself has no default),
 /// `majority_sign_method` (`total`), `weights`, `svd_rank`, `seed` (0).
 ///
-/// `weights` default to `1/N` each. PEFT has no default: `1/N` is what passing
-/// `weights=[1/N] * N` to `add_weighted_adapter` gives, the mean for `dare_linear` and
-/// `magnitude_prune`. The TIES-style merges (`ties`, `dare_ties`) already average the agreeing
-/// entries (the disjoint mean), so `1/N` shrinks them by `N`; PEFT's guide starts TIES from
-/// weights of 1.0 each, i.e. `weights=1,1,1`. Either way each weight is multiplied by the
-/// expert's own LoRA scale before use, exactly as PEFT does.
+/// PEFT has no default for `weights`; ours depend on the merge. The TIES-style merges (`ties`,
+/// `dare_ties` and their `_svd` forms) already average the agreeing entries (the disjoint
+/// mean), so they default to 1 each, where PEFT's guide starts TIES. The sums (`dare_linear`,
+/// `magnitude_prune`) default to `1/N` each, the mean, as passing `weights=[1/N] * N` to
+/// `add_weighted_adapter` gives. In the low-rank space each weight is multiplied by the
+/// expert's own LoRA scale before the square root, exactly as PEFT does.
 #[derive(Default)]
 pub struct PeftMerge;
 
@@ -103,8 +104,8 @@ impl Policy for PeftMerge {
             ParamSpec::string(
                 "weights",
                 "",
-                "comma-separated weight per expert, in order (default 1/N each; PEFT's TIES \
-                 guide uses 1 each)",
+                "comma-separated weight per expert, in order (default: 1 each for ties and \
+                 dare_ties, whose disjoint mean already averages; 1/N each for the sums)",
             ),
             ParamSpec::optional_int(
                 "svd_rank",
@@ -132,7 +133,12 @@ impl Policy for PeftMerge {
             "frequency" => SignMethod::Frequency,
             _ => SignMethod::Total,
         };
-        let weights = parse_weights(params.str("weights")?, experts.len())?;
+        let n = experts.len();
+        let weights = match parse_weights(params.str("weights")?, n)? {
+            Some(w) => w,
+            None if matches!(function, MergeFn::Ties | MergeFn::DareTies) => vec![1.0; n],
+            None => vec![1.0 / n as f64; n],
+        };
         let svd_rank = params.opt_int("svd_rank")?.map(|r| r as usize);
         let seed = params.int("seed")? as u64;
         if svd_rank.is_some() && !svd {
@@ -200,10 +206,11 @@ fn into_tensors(f: Factors) -> (TensorData, TensorData) {
     (a, b)
 }
 
-/// The `weights` parameter: empty for `1/n` each, else exactly `n` finite numbers.
-fn parse_weights(text: &str, n: usize) -> Result<Vec<f64>, PolicyError> {
+/// The `weights` parameter: `None` when empty (the merge's default), else exactly `n` finite
+/// numbers.
+fn parse_weights(text: &str, n: usize) -> Result<Option<Vec<f64>>, PolicyError> {
     if text.trim().is_empty() {
-        return Ok(vec![1.0 / n as f64; n]);
+        return Ok(None);
     }
     let parsed: Result<Vec<f64>, _> = text.split(',').map(|w| w.trim().parse::<f64>()).collect();
     match parsed {
@@ -211,7 +218,7 @@ fn parse_weights(text: &str, n: usize) -> Result<Vec<f64>, PolicyError> {
             "parameter weights has {} values for {n} experts",
             w.len()
         ))),
-        Ok(w) if w.iter().all(|x| x.is_finite()) => Ok(w),
+        Ok(w) if w.iter().all(|x| x.is_finite()) => Ok(Some(w)),
         _ => Err(PolicyError::invalid(format!(
             "parameter weights: {text:?} is not a comma-separated list of finite numbers"
         ))),

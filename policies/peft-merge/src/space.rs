@@ -113,8 +113,9 @@ pub fn merge_low_rank(
 }
 
 /// PEFT's SVD path: the dense deltas `scaleᵢ · Bᵢ Aᵢ` (`get_delta_weight`, line 844) merged by
-/// `merge` with weights `weightᵢ · scaleᵢ` (line 839: PEFT applies each expert's scale a second
-/// time here), then truncated to `min(rank, in, out)` by SVD with PEFT's split of the factors:
+/// `merge` with weights `weightᵢ`, each scale applied once, which is what PEFT 0.21.2's `svd`
+/// merge computes (the engine's parity test against its output; PEFT's main branch multiplies
+/// the weights by the scale again at line 839), then truncated to `min(rank, in, out)` by SVD with PEFT's split of the factors:
 /// `A = Vhᵣ` (orthonormal rows), `B = Uᵣ Σᵣ` (lines 870-874, 884).
 pub fn merge_svd(
     module: &str,
@@ -130,7 +131,7 @@ pub fn merge_svd(
         match view {
             Some(m) => {
                 deltas.push(dense_delta(m));
-                delta_weights.push(w * m.scale);
+                delta_weights.push(*w);
             }
             None => {
                 deltas.push(vec![0.0; out_features * in_features]);

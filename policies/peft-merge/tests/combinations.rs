@@ -18,8 +18,12 @@ const SETTINGS: [(&str, &str, &str, &str); 4] = [
     ("1", "0.3,0.3,0.4", "frequency", "0"),
 ];
 
-fn weights_of(text: &str, n: usize) -> Vec<f64> {
-    if text.is_empty() {
+/// The weights a fit with `weights=text` uses: by default 1 each for the TIES-style merges
+/// (their disjoint mean averages already), 1/N each for the sums.
+fn weights_of(text: &str, n: usize, function: &str) -> Vec<f64> {
+    if text.is_empty() && function.contains("ties") {
+        vec![1.0; n]
+    } else if text.is_empty() {
         vec![1.0 / n as f64; n]
     } else {
         text.split(',').map(|w| w.parse().unwrap()).collect()
@@ -44,7 +48,7 @@ fn low_rank_types_merge_the_factors_like_peft() {
                 density: density.parse().unwrap(),
                 sign_method: sign,
             };
-            let w = weights_of(weights, 3);
+            let w = weights_of(weights, 3, function);
             for module in [Q, FC] {
                 let (want_a, want_b) =
                     reference.low_rank(&experts, module, &w, seed.parse().unwrap());
@@ -79,7 +83,7 @@ fn svd_types_at_full_rank_equal_the_merged_delta() {
                 density: density.parse().unwrap(),
                 sign_method: sign,
             };
-            let w = weights_of(weights, 3);
+            let w = weights_of(weights, 3, function);
             for module in [Q, FC] {
                 let want = reference.exact(&experts, module, &w, seed.parse().unwrap());
                 assert!(want.iter().any(|x| *x != 0.0));
@@ -128,7 +132,7 @@ fn svd_types_keep_the_top_singular_directions_at_the_largest_expert_rank() {
             sign_method: "total",
         };
         for (module, out) in [(Q, 5), (FC, 7)] {
-            let merged = reference.exact(&experts, module, &[1.0 / 3.0; 3], 0);
+            let merged = reference.exact(&experts, module, &weights_of("", 3, function), 0);
             let (a, b, rank) = factors(&fitted, module);
             // PEFT's default rank: the largest expert rank (2, 3, 1).
             assert_eq!(rank, 3, "{combination} {module}");
@@ -186,7 +190,7 @@ fn dare_linear_at_density_one_is_task_arithmetic() {
     for module in [Q, FC] {
         // Low-rank: Σ sign(w s) sqrt|w s| Aᵢ and Σ sqrt|w s| Bᵢ.
         let (mut want_a, mut want_b) = (vec![0.0; 15], vec![0.0; 0]);
-        // Exact: Σ wᵢ sᵢ² Bᵢ Aᵢ (PEFT weights the scaled delta by w s).
+        // Exact: Σ wᵢ sᵢ Bᵢ Aᵢ.
         let mut want_delta = Vec::new();
         for (e, w) in w.iter().enumerate() {
             let (s, a, b, r, i, o) = module_of(&experts, e, module);
@@ -202,7 +206,7 @@ fn dare_linear_at_density_one_is_task_arithmetic() {
             }
             let ba = matmul(&b, &a, o, r, i);
             for k in 0..ba.len() {
-                want_delta[k] += w * s * s * ba[k];
+                want_delta[k] += w * s * ba[k];
             }
         }
         let (a, b, _) = factors(&fitted, module);
@@ -243,8 +247,8 @@ fn one_expert_reproduces_its_own_delta() {
 
 #[test]
 fn an_expert_lacking_a_module_counts_as_zeros_there() {
-    // b lacks q_proj: ties_svd at density 1 with weights 1, 1 leaves a's delta times its scale
-    // (PEFT's w · s weight on the scaled delta), at a's rank.
+    // b lacks q_proj: ties_svd at density 1 with weights 1, 1 leaves a's delta (its scale
+    // applied once), at a's rank.
     let mut a = random_expert("a", &[(Q, 5, 5), (FC, 5, 7)], 2, 4);
     a.modules[0].scale = 0.5;
     let b = random_expert("b", &[(FC, 5, 7)], 2, 5);
@@ -255,7 +259,7 @@ fn an_expert_lacking_a_module_counts_as_zeros_there() {
         ("weights", "1,1"),
     ];
     let fitted = fit(&experts, &params).unwrap();
-    let want: Vec<f64> = own_delta(&experts[0], Q).iter().map(|x| 0.5 * x).collect();
+    let want = own_delta(&experts[0], Q);
     assert_close(&product(&fitted, Q), &want, "q_proj");
 }
 

@@ -232,7 +232,7 @@ impl Reference {
         (a, b)
     }
 
-    /// PEFT's SVD path for `module` before the SVD: deltas `s B A` merged with `w s`.
+    /// PEFT's SVD path for `module` before the SVD: deltas `s B A` merged with `w`.
     pub fn exact(
         &self,
         experts: &[TestExpert],
@@ -245,7 +245,7 @@ impl Reference {
             let (scale, a, b, r, i, o) = module_of(experts, e, module);
             let delta: Vec<f64> = matmul(&b, &a, o, r, i).iter().map(|x| scale * x).collect();
             deltas.push(delta);
-            ws.push(w * scale);
+            ws.push(*w);
         }
         self.merge(&deltas, &ws, &mut DropMask::for_module(seed, module))
     }
