@@ -1,7 +1,7 @@
 //! `arrow` through the SDK's testing harness (the host's ABI path).
 
 use moerge_policy_arrow::moerge_policy_declaration;
-use moerge_sdk::plan::{Granularity, ModulePlan, Router};
+use moerge_sdk::plan::{Granularity, Mix, ModulePlan, Router};
 use moerge_sdk::testing::{random_expert, FitRequest, Harness, TestExpert, TestServices};
 
 fn experts(n: usize) -> Vec<TestExpert> {
@@ -11,7 +11,9 @@ fn experts(n: usize) -> Vec<TestExpert> {
         .collect()
 }
 
-fn check(n: usize, params: &[(&str, &str)], expected: Result<(usize, f64, Granularity), &str>) {
+type Expected<'a> = Result<(usize, f64, Granularity, Mix), &'a str>;
+
+fn check(n: usize, params: &[(&str, &str)], expected: Expected<'_>) {
     let harness = Harness::new(moerge_policy_declaration);
     let experts = experts(n);
     let services = TestServices::new();
@@ -19,7 +21,7 @@ fn check(n: usize, params: &[(&str, &str)], expected: Result<(usize, f64, Granul
         harness.fit(&FitRequest::new(&experts).params(params), &services),
         expected,
     ) {
-        (Ok(fitted), Ok((top_k, temperature, granularity))) => {
+        (Ok(fitted), Ok((top_k, temperature, granularity, mix))) => {
             assert_eq!(
                 fitted.plan.default,
                 ModulePlan::Routed {
@@ -28,6 +30,7 @@ fn check(n: usize, params: &[(&str, &str)], expected: Result<(usize, f64, Granul
                     temperature,
                     granularity,
                     groups: vec![],
+                    mix,
                 }
             );
             assert_eq!(fitted.plan.experts.len(), n);
@@ -40,8 +43,14 @@ fn check(n: usize, params: &[(&str, &str)], expected: Result<(usize, f64, Granul
 
 #[test]
 fn routed_plans_with_clipped_top_k() {
-    check(6, &[], Ok((4, 1.0, Granularity::Token)));
-    check(3, &[], Ok((3, 1.0, Granularity::Token)));
+    check(6, &[], Ok((4, 1.0, Granularity::Token, Mix::Outputs)));
+    check(3, &[], Ok((3, 1.0, Granularity::Token, Mix::Outputs)));
+    check(
+        3,
+        &[("mix", "factors")],
+        Ok((3, 1.0, Granularity::Token, Mix::Factors)),
+    );
+    check(3, &[("mix", "weights")], Err("one of outputs, factors"));
     check(
         6,
         &[
@@ -49,7 +58,7 @@ fn routed_plans_with_clipped_top_k() {
             ("temperature", "0.5"),
             ("granularity", "sequence"),
         ],
-        Ok((2, 0.5, Granularity::Sequence)),
+        Ok((2, 0.5, Granularity::Sequence, Mix::Outputs)),
     );
     check(6, &[("top_k", "0")], Err("top_k"));
     check(6, &[("temperature", "0")], Err("temperature"));

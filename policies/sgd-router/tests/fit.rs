@@ -2,7 +2,7 @@
 
 use moerge_policy_sgd_router::moerge_policy_declaration;
 use moerge_sdk::optimize::RouterInit;
-use moerge_sdk::plan::{router_weight_name, ModulePlan, Router};
+use moerge_sdk::plan::{router_weight_name, Mix, ModulePlan, Router};
 use moerge_sdk::testing::{random_expert, FitRequest, Harness, TestExpert, TestServices};
 
 const MODULES: [(&str, usize, usize); 2] = [
@@ -16,7 +16,7 @@ fn experts(n: usize) -> Vec<TestExpert> {
         .collect()
 }
 
-fn check(params: &[(&str, &str)], top_k: usize, init: RouterInit) {
+fn check(params: &[(&str, &str)], top_k: usize, init: RouterInit, mix: Mix) {
     let harness = Harness::new(moerge_policy_declaration);
     let experts = experts(5);
     let services = TestServices::new().echo_optimize(&experts);
@@ -37,9 +37,10 @@ fn check(params: &[(&str, &str)], top_k: usize, init: RouterInit) {
             router,
             top_k: k,
             groups,
+            mix: m,
             ..
         } => {
-            assert_eq!((*router, *k), (Router::Learned, top_k));
+            assert_eq!((*router, *k, *m), (Router::Learned, top_k, mix));
             assert!(groups.is_empty());
         }
         other => panic!("{other:?}"),
@@ -55,9 +56,20 @@ fn check(params: &[(&str, &str)], top_k: usize, init: RouterInit) {
 
 #[test]
 fn dense_by_default_and_top_k_clipped() {
-    check(&[], 5, RouterInit::Zero);
-    check(&[("init", "arrow"), ("top_k", "2")], 2, RouterInit::Arrow);
-    check(&[("top_k", "9")], 5, RouterInit::Zero);
+    check(&[], 5, RouterInit::Zero, Mix::Outputs);
+    check(
+        &[("init", "arrow"), ("top_k", "2")],
+        2,
+        RouterInit::Arrow,
+        Mix::Outputs,
+    );
+    check(&[("top_k", "9")], 5, RouterInit::Zero, Mix::Outputs);
+    check(
+        &[("mix", "factors"), ("top_k", "1")],
+        1,
+        RouterInit::Zero,
+        Mix::Factors,
+    );
 }
 
 #[test]
