@@ -16,9 +16,10 @@ use moerge_sdk::policy::{FitContext, Fitted, Policy, PolicyError, TensorData};
 
 // The student's defaults, from a sweep on the tiny library (5 experts of rank 4, 500
 // training records, a learned-ensemble teacher at validation loss 1.02, base 1.44): rank 8
-// reached 1.28 with these (steps 400, batch 16, learning rate 0.01; 110 s on 2 cores). At
-// the shared learning rate (0.05) and even at 0.02 the KL climbs again mid-run; 0.005 and
-// 0.003 learn too slowly; batch 8 plateaus at a KL near 0.2 where batch 16 reaches 0.12.
+// reached 1.28 with these (steps 400, batch 16, learning rate 0.01; 110 s on 2 shared cores,
+// debug build). At 0.02 the KL climbs again mid-run (1.30); at 0.03 (batch 8, 200 steps) the
+// student ended worse than the base (1.81); 0.005 and 0.003 learn too slowly; batch 8
+// plateaus at a KL near 0.2 where batch 16 reaches 0.12.
 const LEARNING_RATE: f64 = 0.01;
 const STEPS: i64 = 400;
 const BATCH_SIZE: i64 = 16;
