@@ -4,9 +4,12 @@
 use moerge_sdk::abi::{
     DeclarationError, DeclaredPolicy, FitCallError, PolicyDeclaration, ABI_VERSION,
 };
-use moerge_sdk::optimize::OptimizeOptions;
+use moerge_sdk::optimize::{distillation_template, OptimizeOptions};
 use moerge_sdk::params::{ParamSpec, Params};
-use moerge_sdk::plan::{router_weight_name, MergeSpace, ModulePlan, Plan, Router, PLAN_VERSION};
+use moerge_sdk::plan::{
+    fixed_a_name, fixed_b_name, router_weight_name, MergeSpace, ModulePlan, Plan, Router,
+    PLAN_VERSION,
+};
 use moerge_sdk::policy::{
     FitContext, Fitted, Policy, PolicyError, Record, ServiceError, Split, TensorData,
 };
@@ -42,7 +45,17 @@ impl Policy for Probe {
     }
     fn parameters(&self) -> Vec<ParamSpec> {
         let modes = [
-            "echo", "panic", "fail", "cancel", "evaluate", "optimize", "bad_plan", "router",
+            "echo",
+            "panic",
+            "fail",
+            "cancel",
+            "evaluate",
+            "optimize",
+            "bad_plan",
+            "router",
+            "distil",
+            "bad_teacher",
+            "stray_teacher",
         ];
         vec![ParamSpec::choice("mode", &modes, "echo", "what to do")]
     }
@@ -103,6 +116,31 @@ impl Policy for Probe {
                     ..Default::default()
                 };
                 ctx.optimize(&template, &options)
+            }
+            "distil" | "bad_teacher" | "stray_teacher" => {
+                // A rank-1 fixed student, distilled from a rank-3 fixed teacher whose factors
+                // have the same names.
+                let fixed = |rank: usize| {
+                    let mut f = uniform(ctx);
+                    f.plan.default = ModulePlan::Fixed;
+                    f.tensors
+                        .insert(fixed_a_name(MODULE), TensorData::zeros(&[rank, 6]));
+                    f.tensors
+                        .insert(fixed_b_name(MODULE), TensorData::zeros(&[4, rank]));
+                    f
+                };
+                let student = fixed(1);
+                let mut teacher = fixed(3);
+                if params.str("mode")? == "bad_teacher" {
+                    teacher.tensors.remove(&fixed_b_name(MODULE));
+                }
+                let options = OptimizeOptions {
+                    train_fixed: true,
+                    teacher: (params.str("mode")? != "stray_teacher")
+                        .then(|| Box::new(teacher.plan.clone())),
+                    ..Default::default()
+                };
+                ctx.optimize(&distillation_template(&student, &teacher), &options)
             }
             "bad_plan" => {
                 let mut fitted = uniform(ctx);
@@ -235,6 +273,32 @@ fn optimize_gets_the_template_and_options() {
         fitted.tensors[&router_weight_name(MODULE)],
         TensorData::zeros(&[2, 6])
     );
+}
+
+#[test]
+fn a_teachers_tensors_are_checked_with_it_and_never_come_back() {
+    // The stand-in trainer returns everything it was sent, the teacher's tensors included.
+    let services = TestServices::new().with_optimize(|t, _| Ok(t.clone()));
+    let fitted = run("distil", &services).unwrap();
+    let (template, options) = &services.optimize_calls()[0];
+    assert!(options.train_fixed);
+    assert_eq!(options.teacher.as_ref().unwrap().default, ModulePlan::Fixed);
+    assert_eq!(
+        template.tensors[&format!("teacher.{}", fixed_a_name(MODULE))].shape,
+        [3, 6]
+    );
+    assert_eq!(template.tensors[&fixed_a_name(MODULE)].shape, [1, 6]);
+    let names: Vec<&String> = fitted.tensors.keys().collect();
+    assert_eq!(names, [&fixed_a_name(MODULE), &fixed_b_name(MODULE)]);
+    assert_eq!(fitted.tensors[&fixed_b_name(MODULE)].shape, [4, 1]);
+
+    let err = run("bad_teacher", &services).unwrap_err().to_string();
+    assert!(
+        err.contains("teacher") && err.contains(&fixed_b_name(MODULE)),
+        "{err}"
+    );
+    let err = run("stray_teacher", &services).unwrap_err().to_string();
+    assert!(err.contains("no teacher"), "{err}");
 }
 
 #[test]

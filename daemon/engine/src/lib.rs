@@ -21,6 +21,7 @@
 mod adapter_linear;
 pub mod arrow;
 mod config;
+pub mod distill;
 mod ensemble_fit;
 mod error;
 mod fused;

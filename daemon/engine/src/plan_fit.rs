@@ -1,6 +1,8 @@
 //! Fitting a plan's parameters with candle autograd (the host's `optimize` for policies):
-//! static merge weights, the weights inside routed groups, learned routers, and ensemble
-//! member weights. Base and experts stay frozen: only the plan's few numbers move.
+//! static merge weights, the weights inside routed groups, learned routers, ensemble member
+//! weights, and fixed modules' factors. Base and experts stay frozen: only the plan's own
+//! numbers move. The loss is the data's NLL, or with a teacher the KL to the teacher's
+//! distributions ([`crate::distill`]).
 //!
 //! Parameters are tied by plan entry: every module whose plan comes from the same entry
 //! (`default`, or one `modules` key such as `model.layers.3`) shares one weight vector, so a
@@ -13,6 +15,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use moerge_library::{Adapter, F32Tensor, LoraModule, TensorMap};
 use moerge_sdk::plan::{self, Granularity, MergeSpace, Mix, ModulePlan, Plan, Router};
 
+use crate::distill::{self, Teacher};
 use crate::error::{EngineError, Result};
 use crate::model::BaseModel;
 use crate::routing::{mix_factors, FactorStacks};
@@ -44,6 +47,11 @@ pub struct PlanFitOptions {
     pub router_init: RouterInit,
     /// Ensemble members' weights.
     pub ensemble_weights: bool,
+    /// Fixed modules' factors, starting from the template's tensors.
+    pub fixed: bool,
+    /// Distil: lower `KL(teacher ‖ plan)` per completion token instead of the data's NLL
+    /// (the run's reported losses are then KL values).
+    pub teacher: Option<Teacher>,
 }
 
 impl Default for PlanFitOptions {
@@ -58,6 +66,8 @@ impl Default for PlanFitOptions {
             routers: false,
             router_init: RouterInit::Zero,
             ensemble_weights: false,
+            fixed: false,
+            teacher: None,
         }
     }
 }
@@ -218,19 +228,23 @@ struct FitVars {
     groups: BTreeMap<Option<String>, Var>,
     /// Router weight and bias per module.
     routers: BTreeMap<String, (Var, Var)>,
+    /// Fixed modules' `A` and `B` per module.
+    fixed: BTreeMap<String, (Var, Var)>,
 }
 
 impl FitVars {
     fn all(&self) -> Vec<Var> {
-        let routers = self
+        // Router (weight, bias) and fixed (A, B) pairs.
+        let pairs = self
             .routers
             .values()
+            .chain(self.fixed.values())
             .flat_map(|(w, b)| [w.clone(), b.clone()]);
         self.merges
             .values()
             .chain(self.groups.values())
             .cloned()
-            .chain(routers)
+            .chain(pairs)
             .collect()
     }
 }
@@ -257,7 +271,12 @@ pub fn fit_plan(
         seed: opts.seed,
     };
     if template.ensemble.is_some() {
-        if opts.merge_weights || opts.group_weights || opts.routers {
+        if opts.teacher.is_some() {
+            return Err(bad(
+                "an ensemble cannot be distilled into: the student of a teacher is a single-pass plan".into(),
+            ));
+        }
+        if opts.merge_weights || opts.group_weights || opts.routers || opts.fixed {
             return Err(bad(
                 "in an ensemble only the member weights can be fitted; fit each member's plan first".into(),
             ));
@@ -270,7 +289,18 @@ pub fn fit_plan(
         );
     }
     let (model, vars, mut tensors) = prepare(base, experts, template, tensors, opts)?;
-    let summary = trainer::train(&model, vars.all(), data, &train, on_step)?;
+    let summary = match &opts.teacher {
+        None => trainer::train(&model, vars.all(), data, &train, on_step)?,
+        Some(teacher) => {
+            let mut outputs = distill::TeacherOutputs::new(base, experts, teacher, data.len())?;
+            let loss = |batch: &[usize]| {
+                let targets = outputs.targets(data, batch)?;
+                let batch: Vec<&Example> = batch.iter().map(|&i| &data[i]).collect();
+                distill::kl_loss(&model, &batch, &targets)
+            };
+            trainer::train_with_loss(vars.all(), data, &train, loss, on_step)?
+        }
+    };
     let plan = write_back(template, &vars, &mut tensors)?;
     Ok(FittedPlan {
         plan,
@@ -311,10 +341,13 @@ fn prepare(
             modules.insert(module.clone(), m);
         }
     }
+    if opts.fixed {
+        vars.fixed = distill::fixed_vars(template, &tensors)?;
+    }
     if vars.all().is_empty() {
         return Err(bad(
             "nothing to fit: the template has no part that the options make trainable \
-             (static weights, learned routers or group weights)"
+             (static weights, learned routers, group weights, or fixed modules with factors)"
                 .into(),
         ));
     }
@@ -333,6 +366,8 @@ fn prepare(
             layer.set_fitting(m);
         }
     }
+    // Fixed modules were attached frozen from the same tensors; now they read their variables.
+    distill::attach_fixed(&mut model, &vars.fixed)?;
     Ok((model, vars, tensors))
 }
 
@@ -704,6 +739,7 @@ fn write_back(template: &Plan, vars: &FitVars, tensors: &mut TensorMap) -> Resul
             }
         }
     }
+    distill::write_fixed(&vars.fixed, tensors)?;
     for (module, (w, b)) in &vars.routers {
         for (name, t) in [
             (plan::router_weight_name(module), w),

@@ -6,9 +6,10 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use moerge_library::{Adapter, F32Tensor, TensorMap};
-use moerge_sdk::optimize::{OptimizeOptions, RouterInit as SdkRouterInit};
+use moerge_sdk::optimize::{split_teacher_tensors, OptimizeOptions, RouterInit as SdkRouterInit};
 use moerge_sdk::policy::{Fitted, HostServices, Record, ServiceError, Split, TensorData};
 
+use crate::distill::Teacher;
 use crate::model::BaseModel;
 use crate::plan_fit::{self, PlanFitOptions, RouterInit};
 use crate::tokenizer::TextTokenizer;
@@ -111,6 +112,25 @@ fn sdk_tensors(tensors: &TensorMap) -> std::collections::BTreeMap<String, Tensor
         .collect()
 }
 
+/// The options' teacher, checked as a plan the host could store (a placeholder stands for the
+/// tensor file it would get).
+fn checked_teacher(
+    plan: &moerge_sdk::plan::Plan,
+    tensors: &std::collections::BTreeMap<String, TensorData>,
+) -> Result<Teacher, ServiceError> {
+    let mut check = plan.clone();
+    check.tensors = Some("0".repeat(64));
+    check
+        .validate()
+        .map_err(|e| failed(format!("optimize options: teacher: {e}")))?;
+    let mut plan = plan.clone();
+    plan.tensors = None;
+    Ok(Teacher {
+        plan,
+        tensors: tensor_map(tensors),
+    })
+}
+
 fn failed(e: impl std::fmt::Display) -> ServiceError {
     ServiceError::Failed(e.to_string())
 }
@@ -134,6 +154,14 @@ impl HostServices for EngineServices<'_> {
         options: &OptimizeOptions,
     ) -> Result<Fitted, ServiceError> {
         let data = self.data(options.split)?;
+        // A teacher's tensors travel with the template's under a prefix; they stay out of the
+        // student and out of the result.
+        let (own_tensors, teacher_tensors) = split_teacher_tensors(&template.tensors);
+        let teacher = options
+            .teacher
+            .as_deref()
+            .map(|plan| checked_teacher(plan, &teacher_tensors))
+            .transpose()?;
         let opts = PlanFitOptions {
             steps: options.steps,
             learning_rate: options.learning_rate,
@@ -147,20 +175,23 @@ impl HostServices for EngineServices<'_> {
                 _ => RouterInit::Zero,
             },
             ensemble_weights: options.train_ensemble_weights,
+            fixed: options.train_fixed,
+            teacher,
         };
+        let what = if opts.teacher.is_some() { "KL" } else { "loss" };
         let mut plan = template.plan.clone();
         plan.tensors = None;
         let fitted = plan_fit::fit_plan(
             self.base,
             self.experts,
             &plan,
-            &tensor_map(&template.tensors),
+            &tensor_map(&own_tensors),
             data,
             &opts,
             |step| {
                 (self.progress)(
                     step.step as f64 / step.steps.max(1) as f64,
-                    &format!("step {}/{} loss {:.4}", step.step, step.steps, step.loss),
+                    &format!("step {}/{} {what} {:.4}", step.step, step.steps, step.loss),
                 );
                 if self.cancelled.load(Ordering::Relaxed) {
                     std::ops::ControlFlow::Break(())

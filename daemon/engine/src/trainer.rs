@@ -1,6 +1,7 @@
 //! Training with candle autograd: AdamW over a given set of variables (LoRA factors, a whole
 //! base, later a plan's merge weights or routers), everything else frozen. Loss is the mean
-//! NLL of completion tokens, as the paper reports it. Deterministic for a seed on CPU.
+//! NLL of completion tokens, as the paper reports it, unless the caller gives another
+//! ([`train_with_loss`], e.g. distillation's KL). Deterministic for a seed on CPU.
 
 use std::ops::ControlFlow;
 
@@ -85,6 +86,22 @@ pub fn train(
     params: Vec<Var>,
     data: &[Example],
     opts: &TrainOptions,
+    on_step: impl FnMut(&StepReport) -> ControlFlow<()>,
+) -> Result<TrainSummary> {
+    let loss = |batch: &[usize]| {
+        let batch: Vec<&Example> = batch.iter().map(|&i| &data[i]).collect();
+        batch_loss(model, &batch)
+    };
+    train_with_loss(params, data, opts, loss, on_step)
+}
+
+/// [`train`] with another loss: `loss` maps a batch, given as indices into `data` (so it may
+/// keep something per example), to a scalar with gradients.
+pub fn train_with_loss(
+    params: Vec<Var>,
+    data: &[Example],
+    opts: &TrainOptions,
+    mut loss: impl FnMut(&[usize]) -> Result<Tensor>,
     mut on_step: impl FnMut(&StepReport) -> ControlFlow<()>,
 ) -> Result<TrainSummary> {
     if data.is_empty() || opts.batch_size == 0 || params.is_empty() {
@@ -104,10 +121,10 @@ pub fn train(
     let mut rng = rand::rngs::StdRng::seed_from_u64(opts.seed);
     let mut losses = Vec::with_capacity(opts.steps);
     for step in 0..opts.steps {
-        let batch: Vec<&Example> = (0..opts.batch_size)
-            .map(|_| &data[rng.random_range(0..data.len())])
+        let batch: Vec<usize> = (0..opts.batch_size)
+            .map(|_| rng.random_range(0..data.len()))
             .collect();
-        let loss = batch_loss(model, &batch)?;
+        let loss = loss(&batch)?;
         let mut grads = loss.backward()?;
         if opts.grad_clip > 0.0 {
             clip_gradients(&params, &mut grads, opts.grad_clip)?;
@@ -161,7 +178,7 @@ fn clip_gradients(
 
 /// Token ids `[b, t]` of prompt + completion (right-padded with 0), and a mask `[b, t - 1]`
 /// that is 1 where position `p` predicts a completion token.
-fn pack(batch: &[&Example]) -> Result<(Tensor, Tensor, Tensor)> {
+pub(crate) fn pack(batch: &[&Example]) -> Result<(Tensor, Tensor, Tensor)> {
     let t = batch
         .iter()
         .map(|e| e.prompt.len() + e.completion.len())

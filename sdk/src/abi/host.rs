@@ -12,7 +12,7 @@ use super::{
     PolicyDeclaration, ABI_VERSION, SPLIT_TRAIN, SPLIT_VALID,
 };
 use crate::checks::{check_fitted, RouterTensors};
-use crate::optimize::OptimizeOptions;
+use crate::optimize::{split_teacher_tensors, OptimizeOptions, TEACHER_TENSOR_PREFIX};
 use crate::params::{ParamSpec, Params};
 use crate::policy::{ExpertView, FitInputs, Fitted, HostServices, ServiceError, Split};
 
@@ -304,12 +304,45 @@ unsafe extern "C" fn host_optimize(
             let options = options.to_str().map_err(failed)?;
             let options: OptimizeOptions = serde_json::from_str(options)
                 .map_err(|e| failed(format!("optimize options: {e}")))?;
-            check_fitted(&template, s.experts, RouterTensors::Optional)
-                .map_err(|e| failed(format!("optimize template: {e}")))?;
-            s.services
-                .optimize(&template, &options)
-                .map(ReplyBox::fitted)
+            check_template(&template, &options, s.experts).map_err(failed)?;
+            let mut fitted = s.services.optimize(&template, &options)?;
+            // The teacher's tensors are an input only, whatever the services returned.
+            fitted
+                .tensors
+                .retain(|name, _| !name.starts_with(TEACHER_TENSOR_PREFIX));
+            Ok(ReplyBox::fitted(fitted))
         })
+    }
+}
+
+/// Checks an optimisation template, and its teacher's plan and tensors (which travel in the
+/// template's tensors under a prefix) when it distils.
+fn check_template(
+    template: &Fitted,
+    options: &OptimizeOptions,
+    experts: &[ExpertView<'_>],
+) -> Result<(), String> {
+    let (own, teacher_tensors) = split_teacher_tensors(&template.tensors);
+    let own = Fitted {
+        plan: template.plan.clone(),
+        tensors: own,
+    };
+    check_fitted(&own, experts, RouterTensors::Optional)
+        .map_err(|e| format!("optimize template: {e}"))?;
+    match &options.teacher {
+        Some(teacher) => {
+            let teacher = Fitted {
+                plan: (**teacher).clone(),
+                tensors: teacher_tensors,
+            };
+            check_fitted(&teacher, experts, RouterTensors::Required)
+                .map_err(|e| format!("optimize options: teacher: {e}"))
+        }
+        None if !teacher_tensors.is_empty() => Err(format!(
+            "optimize template: tensors under {TEACHER_TENSOR_PREFIX:?} are a teacher's, but \
+             the options name no teacher"
+        )),
+        None => Ok(()),
     }
 }
 
