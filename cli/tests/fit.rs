@@ -55,6 +55,7 @@ fn policies_are_listed_and_a_fitted_router_beats_the_uniform_merge() {
         "lp-ensemble",
         "layerwise",
         "peft-merge",
+        "distill",
     ] {
         assert!(names.contains(&builtin), "{builtin} missing from {names:?}");
     }

@@ -101,6 +101,7 @@ fn the_paper_table_agrees_with_independent_computations_and_plots() {
             "sgd-router-factors",
             "sgd-router-top1",
             "sgd-router-top4",
+            "distilled",
             "ties",
             "ties-svd",
             "dare-linear",
@@ -140,7 +141,8 @@ fn the_paper_table_agrees_with_independent_computations_and_plots() {
                 "sgd-router",
                 "hierarchical",
                 "lp-ensemble",
-                "layerwise-learned"
+                "layerwise-learned",
+                "distilled",
             ]
             .iter()
             .any(|k| key.starts_with(k)),

@@ -181,6 +181,16 @@ pub fn all(args: &ReportArgs) -> Vec<RowSpec> {
             true,
         ),
         policy(
+            "distilled",
+            "distilled ensemble (rank 8)",
+            "distill",
+            vec![
+                steps(),
+                ("teacher_steps".to_string(), args.steps.to_string()),
+            ],
+            true,
+        ),
+        policy(
             "ties",
             "TIES (low-rank, density 0.2)",
             "peft-merge",

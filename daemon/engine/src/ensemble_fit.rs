@@ -1,5 +1,6 @@
 //! Fitting an ensemble's member weights (the paper's "SGD-weighted ensemble"). The members
-//! are frozen, so each member's outputs on the data are computed once; the weights are then
+//! are frozen, so each member's outputs on an example are computed once, the first time a
+//! batch draws it (only the examples the steps draw are ever run); the weights are then
 //! fitted on those cached outputs, which costs almost nothing per step.
 //!
 //! Probability level: weights `softmax(θ)`, loss `-log Σ_m softmax(θ)_m p_m(y)`.
@@ -50,10 +51,7 @@ pub(crate) fn fit_ensemble_weights(
         .into_iter()
         .map(|(_, pass)| base.with_plan(&pass, experts, tensors))
         .collect::<Result<Vec<_>>>()?;
-    let cached = data
-        .iter()
-        .map(|e| cache_example(&members, e, level))
-        .collect::<Result<Vec<_>>>()?;
+    let mut cached: Vec<Option<Cached>> = (0..data.len()).map(|_| None).collect();
     let start: Vec<f32> = ensemble
         .members
         .iter()
@@ -74,8 +72,17 @@ pub(crate) fn fit_ensemble_weights(
     let mut rng = rand::rngs::StdRng::seed_from_u64(train.seed);
     let mut losses = Vec::new();
     for step in 0..train.steps {
-        let batch: Vec<&Cached> = (0..train.batch_size.max(1))
-            .map(|_| &cached[rng.random_range(0..cached.len())])
+        let picks: Vec<usize> = (0..train.batch_size.max(1))
+            .map(|_| rng.random_range(0..data.len()))
+            .collect();
+        for &i in &picks {
+            if cached[i].is_none() {
+                cached[i] = Some(cache_example(&members, &data[i], level)?);
+            }
+        }
+        let batch: Vec<&Cached> = picks
+            .iter()
+            .map(|&i| cached[i].as_ref().expect("cached above"))
             .collect();
         let loss = batch_loss(&theta, &batch, level)?;
         let grads = loss.backward()?;

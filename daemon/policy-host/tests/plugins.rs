@@ -114,6 +114,7 @@ fn built_ins_are_discovered_in_the_executables_folder() {
         "lp-ensemble",
         "layerwise",
         "peft-merge",
+        "distill",
     ];
     for name in names {
         let policy = registry
