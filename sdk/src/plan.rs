@@ -212,6 +212,18 @@ impl Mix {
         *self == Mix::Outputs
     }
 
+    /// The `mix` parameter a routing policy exposes (default `outputs`); read it back with
+    /// [`Mix::from_name`].
+    pub fn param_spec() -> crate::params::ParamSpec {
+        crate::params::ParamSpec::choice(
+            "mix",
+            &Mix::NAMES,
+            "outputs",
+            "mix the chosen experts' outputs (PEFT's Arrow) or their factors (an input-dependent \
+             low-rank merge; needs equal ranks)",
+        )
+    }
+
     /// The mode named `name` (one of [`Mix::NAMES`]).
     pub fn from_name(name: &str) -> Option<Mix> {
         match name {

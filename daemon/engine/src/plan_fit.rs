@@ -113,22 +113,36 @@ enum FitKind {
     },
     /// A learned router mixing the experts' factors (`routing::mix_factors`).
     RoutedFactors {
-        weight: Tensor,
-        bias: Tensor,
+        router: FitRouter,
         stacks: FactorStacks,
-        top_k: usize,
-        temperature: f64,
-        granularity: Granularity,
     },
     /// A learned router over units (`unit_cols` `[U, Σr]`).
     Routed {
-        weight: Tensor,
-        bias: Tensor,
+        router: FitRouter,
         unit_cols: Tensor,
-        top_k: usize,
-        temperature: f64,
-        granularity: Granularity,
     },
+}
+
+/// A learned router being fitted: its matrices (variables when trained) and how it mixes.
+#[derive(Debug, Clone)]
+struct FitRouter {
+    weight: Tensor,
+    bias: Tensor,
+    top_k: usize,
+    temperature: f64,
+    granularity: Granularity,
+}
+
+impl FitRouter {
+    /// The routing weights `[n, U]` of inputs `x2`, differentiable in the router.
+    fn coefficients(&self, x2: &Tensor, lead: &[usize]) -> Result<Tensor> {
+        let input = match self.granularity {
+            Granularity::Token => x2.clone(),
+            Granularity::Sequence => prefix_means(x2, lead)?,
+        };
+        let scores = input.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)?;
+        masked_top_k_softmax(&scores, self.top_k, self.temperature)
+    }
 }
 
 impl FitModule {
@@ -146,39 +160,14 @@ impl FitModule {
                 let b = w.matmul(b_all)?.reshape(((), *rank))?;
                 Ok(x2.matmul(&a.t()?)?.matmul(&b.t()?)?)
             }
-            FitKind::Routed {
-                weight,
-                bias,
-                unit_cols,
-                top_k,
-                temperature,
-                granularity,
-            } => {
-                let input = match granularity {
-                    Granularity::Token => x2.clone(),
-                    Granularity::Sequence => prefix_means(x2, lead)?,
-                };
-                let scores = input.matmul(&weight.t()?)?.broadcast_add(bias)?;
-                let coeffs = masked_top_k_softmax(&scores, *top_k, *temperature)?;
+            FitKind::Routed { router, unit_cols } => {
+                let coeffs = router.coefficients(x2, lead)?;
                 let cols = coeffs.matmul(unit_cols)?.broadcast_mul(&col_weights)?;
                 let xa = x2.matmul(&self.a_stack)?;
                 Ok((xa * cols)?.matmul(&self.b_stack)?)
             }
-            FitKind::RoutedFactors {
-                weight,
-                bias,
-                stacks,
-                top_k,
-                temperature,
-                granularity,
-            } => {
-                let input = match granularity {
-                    Granularity::Token => x2.clone(),
-                    Granularity::Sequence => prefix_means(x2, lead)?,
-                };
-                let scores = input.matmul(&weight.t()?)?.broadcast_add(bias)?;
-                let coeffs = masked_top_k_softmax(&scores, *top_k, *temperature)?;
-                mix_factors(x2, &coeffs, stacks)
+            FitKind::RoutedFactors { router, stacks } => {
+                mix_factors(x2, &router.coefficients(x2, lead)?, stacks)
             }
         }
     }
@@ -475,28 +464,22 @@ fn fit_module(
                 (router_weight, router_bias)
             };
             let u = unit_cols.dim(0)?;
+            let router = FitRouter {
+                weight,
+                bias,
+                top_k: (*top_k).min(u),
+                temperature: *temperature,
+                granularity: *granularity,
+            };
             let kind = if *mix == Mix::Factors {
                 let mut by_expert = vec![None; n];
                 for &(i, e, m) in &parts {
                     by_expert[i] = Some((e, m));
                 }
-                FitKind::RoutedFactors {
-                    weight,
-                    bias,
-                    stacks: FactorStacks::of_experts(module, &by_expert)?,
-                    top_k: (*top_k).min(u),
-                    temperature: *temperature,
-                    granularity: *granularity,
-                }
+                let stacks = FactorStacks::of_experts(module, &by_expert)?;
+                FitKind::RoutedFactors { router, stacks }
             } else {
-                FitKind::Routed {
-                    weight,
-                    bias,
-                    unit_cols,
-                    top_k: (*top_k).min(u),
-                    temperature: *temperature,
-                    granularity: *granularity,
-                }
+                FitKind::Routed { router, unit_cols }
             };
             Ok(Some(FitModule {
                 a_stack,

@@ -59,21 +59,23 @@ pub(crate) enum Stacks {
 pub(crate) struct FactorStacks {
     /// `[in, U·r]`: unit `u`'s `√s_u A_uᵀ` in columns `u·r..(u+1)·r`.
     pub a_cat: Tensor,
-    /// `[r, U·out]`: unit `u`'s `√s_u B_uᵀ` in columns `u·out..(u+1)·out`.
+    /// `[U·r, out]`: unit `u`'s `√s_u B_uᵀ` in rows `u·r..(u+1)·r`.
     pub b_cat: Tensor,
     pub rank: usize,
 }
 
 /// The factor-mixed update for inputs `x2` `[n, in]` and routing weights `coeffs` `[n, U]`:
-/// per row, `h = Σ_u c_u (√s_u A_u x)` `[r]`, then `Σ_u c_u (√s_u B_u h)`. Differentiable in
-/// `coeffs` and in the stacks (the fitting path shares it).
+/// per row, `h = Σ_u c_u (√s_u A_u x)` `[r]`, then `Σ_u c_u (√s_u B_u h)`, the latter as one
+/// matmul of the outer products `c ⊗ h` `[n, U·r]` with the stacked `Bᵀ`s, so it costs what
+/// output mixing costs. Differentiable in `coeffs` and in the stacks (the fitting path shares
+/// it).
 pub(crate) fn mix_factors(x2: &Tensor, coeffs: &Tensor, f: &FactorStacks) -> Result<Tensor> {
     let (n, units) = coeffs.dims2()?;
     let c = coeffs.unsqueeze(2)?; // [n, U, 1]
     let xa = x2.matmul(&f.a_cat)?.reshape((n, units, f.rank))?;
     let h = xa.broadcast_mul(&c)?.sum(1)?; // [n, r]
-    let hb = h.matmul(&f.b_cat)?.reshape((n, units, ()))?;
-    Ok(hb.broadcast_mul(&c)?.sum(1)?)
+    let outer = c.broadcast_mul(&h.unsqueeze(1)?)?.reshape((n, units * f.rank))?;
+    Ok(outer.matmul(&f.b_cat)?)
 }
 
 impl FactorStacks {
@@ -87,7 +89,7 @@ impl FactorStacks {
     ) -> Result<Self> {
         let u = units.len();
         let mut a_cat = vec![0f32; inp * u * rank];
-        let mut b_cat = vec![0f32; rank * u * out];
+        let mut b_cat = vec![0f32; u * rank * out];
         for (i, unit) in units.iter().enumerate() {
             let Some((a, b)) = unit else { continue };
             for k in 0..rank {
@@ -95,14 +97,14 @@ impl FactorStacks {
                     a_cat[j * u * rank + i * rank + k] = a[k * inp + j];
                 }
                 for o in 0..out {
-                    b_cat[k * u * out + i * out + o] = b[o * rank + k];
+                    b_cat[(i * rank + k) * out + o] = b[o * rank + k];
                 }
             }
         }
         let dev = Device::Cpu;
         Ok(FactorStacks {
             a_cat: Tensor::from_vec(a_cat, (inp, u * rank), &dev)?,
-            b_cat: Tensor::from_vec(b_cat, (rank, u * out), &dev)?,
+            b_cat: Tensor::from_vec(b_cat, (u * rank, out), &dev)?,
             rank,
         })
     }

@@ -39,13 +39,7 @@ impl Policy for Arrow {
                 "token",
                 "route every token on its own input, or on the running mean of its sequence",
             ),
-            ParamSpec::choice(
-                "mix",
-                &Mix::NAMES,
-                "outputs",
-                "mix the chosen experts' outputs (PEFT's Arrow) or their factors (an \
-                 input-dependent low-rank merge; needs equal ranks)",
-            ),
+            Mix::param_spec(),
         ]
     }
 

@@ -28,7 +28,7 @@ use std::collections::BTreeMap;
 
 use moerge_sdk::optimize::{OptimizeOptions, RouterInit};
 use moerge_sdk::params::{ParamSpec, ParamValue, Params};
-use moerge_sdk::plan::{Granularity, MergeSpace, ModulePlan, Router};
+use moerge_sdk::plan::{Granularity, MergeSpace, Mix, ModulePlan, Router};
 use moerge_sdk::policy::{ExpertView, FitContext, Fitted, Policy, PolicyError, Split};
 
 use crate::conflict::{LayerConflict, Measure};
@@ -99,6 +99,7 @@ impl Policy for Layerwise {
                 "routed layers: Arrow (no training), or a router the host trains",
             ),
             ParamSpec::int("top_k", 3, "experts mixed per token in routed layers").min(1.0),
+            Mix::param_spec(),
             ParamSpec::choice(
                 "init",
                 &["zero", "arrow"],
@@ -206,6 +207,7 @@ struct Settings {
     space: MergeSpace,
     router: Router,
     top_k: usize,
+    mix: Mix,
     /// How learned routers are trained (`router=learned` only).
     options: Option<OptimizeOptions>,
 }
@@ -237,6 +239,7 @@ impl Settings {
                 Router::Arrow
             },
             top_k: (params.int("top_k")? as usize).min(experts),
+            mix: Mix::from_name(params.str("mix")?).unwrap_or_default(),
             options,
         })
     }
@@ -261,7 +264,7 @@ impl Settings {
             temperature: 1.0,
             granularity: Granularity::Token,
             groups: Vec::new(),
-            mix: Default::default(),
+            mix: self.mix,
         };
         let mut modules = BTreeMap::new();
         for (c, &r) in conflicts.iter().zip(routed) {

@@ -39,13 +39,7 @@ impl Policy for SgdRouter {
                 "token",
                 "route every token, or the running mean of its sequence",
             ),
-            ParamSpec::choice(
-                "mix",
-                &Mix::NAMES,
-                "outputs",
-                "mix the chosen experts' outputs (PEFT's Arrow) or their factors (an \
-                 input-dependent low-rank merge; needs equal ranks)",
-            ),
+            Mix::param_spec(),
         ];
         specs.extend(OptimizeOptions::param_specs());
         // At the shared default (0.05) the routers turn hard within a few steps and settle on
