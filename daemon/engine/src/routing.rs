@@ -74,7 +74,9 @@ pub(crate) fn mix_factors(x2: &Tensor, coeffs: &Tensor, f: &FactorStacks) -> Res
     let c = coeffs.unsqueeze(2)?; // [n, U, 1]
     let xa = x2.matmul(&f.a_cat)?.reshape((n, units, f.rank))?;
     let h = xa.broadcast_mul(&c)?.sum(1)?; // [n, r]
-    let outer = c.broadcast_mul(&h.unsqueeze(1)?)?.reshape((n, units * f.rank))?;
+    let outer = c
+        .broadcast_mul(&h.unsqueeze(1)?)?
+        .reshape((n, units * f.rank))?;
     Ok(outer.matmul(&f.b_cat)?)
 }
 
