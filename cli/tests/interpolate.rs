@@ -7,7 +7,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{ok, run, tiny};
+use common::{close, ok, run, tiny};
 use serde_json::Value;
 
 const A: &str = "reverse";
@@ -25,10 +25,6 @@ fn first_records(out: &Path) {
         })
         .collect();
     std::fs::write(out, lines.join("\n") + "\n").unwrap();
-}
-
-fn close(a: f64, b: f64, what: &str) {
-    assert!((a - b).abs() < 2e-4, "{what}: {a} vs {b}");
 }
 
 #[test]

@@ -8,7 +8,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{moerge_with_plugins, ok, tiny};
+use common::{close, moerge_with_plugins, ok, tiny};
 use serde_json::Value;
 
 const TASKS: [&str; 3] = ["reverse", "add", "vowel"];
@@ -42,10 +42,6 @@ fn row<'a>(report: &'a Value, key: &str) -> &'a Value {
         .iter()
         .find(|r| r["key"] == key)
         .unwrap_or_else(|| panic!("no row {key}"))
-}
-
-fn close(a: f64, b: f64, what: &str) {
-    assert!((a - b).abs() < 2e-4, "{what}: {a} vs {b}");
 }
 
 #[test]

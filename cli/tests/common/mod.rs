@@ -43,6 +43,11 @@ pub fn moerge_with_plugins(args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// Asserts two losses agree to 2e-4 (f32 scoring on two paths); `what` names the pair.
+pub fn close(a: f64, b: f64, what: &str) {
+    assert!((a - b).abs() < 2e-4, "{what}: {a} vs {b}");
+}
+
 /// Runs `moerge` (offline, so no test ever reaches the network).
 pub fn run(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_moerge"))
