@@ -7,7 +7,7 @@ use std::sync::Mutex;
 
 use moerge_sdk::optimize::{OptimizeOptions, TEACHER_TENSOR_PREFIX};
 use moerge_sdk::plan::{Ensemble, EnsembleLevel, Member, MergeSpace};
-use moerge_sdk::policy::{Fitted, HostServices, Record, TensorData};
+use moerge_sdk::policy::{Fitted, HostServices, Record};
 use rand::{Rng, SeedableRng};
 
 use super::*;
@@ -329,21 +329,6 @@ fn refusals_name_what_is_wrong() {
     assert!(err.contains("nothing to fit"), "{err}");
 }
 
-fn sdk(tensors: &TensorMap) -> std::collections::BTreeMap<String, TensorData> {
-    tensors
-        .iter()
-        .map(|(k, t)| {
-            (
-                k.clone(),
-                TensorData {
-                    shape: t.shape.clone(),
-                    data: t.data.clone(),
-                },
-            )
-        })
-        .collect()
-}
-
 #[test]
 fn the_host_service_keeps_the_teachers_tensors_apart_and_out_of_the_result() {
     let (base, experts, _) = setup();
@@ -376,9 +361,9 @@ fn the_host_service_keeps_the_teachers_tensors_apart_and_out_of_the_result() {
     let (teacher_plan, teacher_tensors) = student(&experts, 3, 0.1, 6);
     let mut template = Fitted {
         plan,
-        tensors: sdk(&student_tensors),
+        tensors: crate::services::sdk_tensors(&student_tensors),
     };
-    for (k, t) in sdk(&teacher_tensors) {
+    for (k, t) in crate::services::sdk_tensors(&teacher_tensors) {
         template
             .tensors
             .insert(format!("{TEACHER_TENSOR_PREFIX}{k}"), t);

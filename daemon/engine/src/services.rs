@@ -97,7 +97,7 @@ pub(crate) fn tensor_map(tensors: &std::collections::BTreeMap<String, TensorData
         .collect()
 }
 
-fn sdk_tensors(tensors: &TensorMap) -> std::collections::BTreeMap<String, TensorData> {
+pub(crate) fn sdk_tensors(tensors: &TensorMap) -> std::collections::BTreeMap<String, TensorData> {
     tensors
         .iter()
         .map(|(k, t)| {
