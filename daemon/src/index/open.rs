@@ -10,6 +10,7 @@ use std::collections::HashSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use super::batch::Batch;
 use super::blobs::{self, BlobStore};
@@ -47,14 +48,11 @@ impl Index {
         fs::create_dir_all(dir).map_err(|e| IndexError::io(dir, e))?;
         let sealed = read_seal(dir)?;
         let db_path = dir.join("db");
-        let db = sled::Config::new()
-            .path(&db_path)
-            .open()
-            .map_err(|e| IndexError::Open {
-                path: db_path.clone(),
-                damaged: !matches!(e, sled::Error::Io(_)),
-                message: e.to_string(),
-            })?;
+        let db = open_sled(&db_path).map_err(|e| IndexError::Open {
+            path: db_path.clone(),
+            damaged: !matches!(e, sled::Error::Io(_)),
+            message: e.to_string(),
+        })?;
         let mut trees = Vec::new();
         for t in schema::ALL_TREES {
             trees.push(db.open_tree(t.name()).map_err(|e| IndexError::Open {
@@ -276,6 +274,29 @@ impl Index {
     }
 }
 
+/// How long [`open_sled`] waits for a lock this process's last handle still holds.
+const RELEASE_WAIT: Duration = Duration::from_secs(3);
+
+/// Opens the sled database. Dropping a `sled::Db` does not release its file lock at once:
+/// its background threads let go a moment later (sled issue 1289), so an open straight
+/// after a close in the same process can find the lock taken. Only one moerged uses a
+/// state folder (`service::lock`), so a taken lock is our own last handle and worth a
+/// short wait; anything else fails at once.
+fn open_sled(path: &Path) -> sled::Result<sled::Db> {
+    let start = Instant::now();
+    loop {
+        match sled::Config::new().path(path).open() {
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && start.elapsed() < RELEASE_WAIT =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            other => return other,
+        }
+    }
+}
+
 pub(crate) fn write_seal(dir: &Path, commit: u64) -> Result<(), IndexError> {
     let tmp = dir.join("seal.tmp");
     let body = format!("{SEAL_HEADER}\ncommit {commit}\n");
@@ -311,7 +332,7 @@ fn read_seal(dir: &Path) -> Result<Option<u64>, IndexError> {
 
 /// The names of the plans in a damaged database, read as leniently as possible.
 fn salvage_plan_names(db_path: &Path) -> Option<Vec<String>> {
-    let db = sled::Config::new().path(db_path).open().ok()?;
+    let db = open_sled(db_path).ok()?;
     let plans = db.open_tree(TreeId::Plans.name()).ok()?;
     let names = plans
         .iter()

@@ -289,6 +289,25 @@ fn a_vanished_record_is_caught_by_the_digest() {
 }
 
 #[test]
+fn an_open_waits_for_the_lock_a_just_dropped_handle_still_holds() {
+    // sled lets go of its file lock a moment after the drop (its threads hold it); here
+    // the moment is stretched by dropping the first index from another thread later.
+    let dir = tempfile::tempdir().unwrap();
+    let first = Index::open(dir.path()).unwrap();
+    add(&first, &[expert("a", 1, 1)]);
+    let (opened, release) = std::sync::mpsc::channel::<()>();
+    let holder = std::thread::spawn(move || {
+        opened.send(()).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        drop(first);
+    });
+    release.recv().unwrap();
+    let second = Index::open(dir.path()).expect("the open waits for the lock");
+    assert_eq!(second.experts().unwrap().len(), 1);
+    holder.join().unwrap();
+}
+
+#[test]
 fn a_well_framed_record_that_does_not_decode_is_corrupt() {
     let dir = tempfile::tempdir().unwrap();
     // Valid frame, nonsense payload: only the decoder can tell.
