@@ -9,7 +9,7 @@ use std::path::Path;
 
 use moerge_engine::trainer::{Example, TrainOptions};
 use moerge_engine::LoraSpec;
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 /// Seed of everything; each part derives its own from it.
@@ -59,7 +59,7 @@ pub fn splits() -> Vec<(&'static str, Vec<Record>)> {
                 .count()
                 < size
             {
-                let input = tasks::draw_input(task.family, &mut rng);
+                let input = task.draw_input(&mut rng);
                 let prompt = task.prompt(&input);
                 if seen.insert(prompt.clone()) {
                     split.1.push(Record {
@@ -81,10 +81,11 @@ pub fn splits() -> Vec<(&'static str, Vec<Record>)> {
 pub fn pretraining_records(count_per_task: usize) -> Vec<Record> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(SEED + 7);
     let mut out = Vec::new();
-    for task in tasks::all() {
+    let all = tasks::all();
+    for task in &all {
         for _ in 0..count_per_task {
-            let input = tasks::draw_input(task.family, &mut rng);
-            let decoy = tasks::draw_input(task.family, &mut rng);
+            let input = task.draw_input(&mut rng);
+            let decoy = task.draw_input(&mut rng);
             out.push(Record {
                 task: Some(task.name.into()),
                 prompt: task.prompt(&input),
@@ -93,13 +94,11 @@ pub fn pretraining_records(count_per_task: usize) -> Vec<Record> {
         }
     }
     for family in tasks::families() {
+        let members: Vec<&tasks::Task> = all.iter().filter(|t| t.family == family).collect();
         for _ in 0..count_per_task * 2 {
-            let text = match tasks::draw_input(family, &mut rng) {
-                tasks::Input::Word(w) => w,
-                tasks::Input::Pair(a, b) => format!("{a},{b}"),
-                tasks::Input::Words(ws) => ws.join(" "),
-                tasks::Input::Number(n) => n.to_string(),
-            };
+            // Any source of the family: the base learns to copy what each of them reads.
+            let source = members[rng.random_range(0..members.len())];
+            let text = source.draw_input(&mut rng).text();
             out.push(Record {
                 task: Some(format!("echo-{family}")),
                 prompt: format!("echo {text}>"),

@@ -204,6 +204,10 @@ fn write_manifest(
         .iter()
         .map(|f| serde_json::json!({"family": f, "tasks": tasks::all().iter().filter(|t| t.family == *f).map(|t| t.name).collect::<Vec<_>>()}))
         .collect();
+    let twins: serde_json::Map<String, serde_json::Value> = tasks::all()
+        .iter()
+        .filter_map(|t| t.twin_of.map(|of| (t.name.to_string(), of.into())))
+        .collect();
     let (private_spec, private_opts) = tiny_library::expert_recipe(ExpertKind::Private, 0);
     let manifest = serde_json::json!({
         "generator": "cargo run --release -p tiny-library",
@@ -212,6 +216,7 @@ fn write_manifest(
         "base": {"config": tiny_library::base_config(), "training": format!("{:?}", tiny_library::base_training())},
         "lora": {"rank": private_spec.rank, "alpha": private_spec.alpha, "targets": private_spec.targets, "private_training": format!("{private_opts:?}")},
         "families": families,
+        "twins": twins,
         "experts": experts_json,
         "hashes": hashes,
         "validation_loss": {"tasks": task_names, "rows": matrix},

@@ -1,15 +1,31 @@
-//! The synthetic tasks: five families of five tasks. Tasks of one family read the same kind
-//! of input and write the same kind of answer, but disagree on which answer: merging their
-//! experts blindly averages rules that contradict each other, as in the paper's Flan
-//! experts. A short tag at the start of each prompt names the task, as Flan's instructions
-//! do, so a router can tell tasks apart.
+//! The synthetic tasks: five families of five tasks, built like Lots-of-LoRAs' library of
+//! Natural Instructions tasks.
+//!
+//! - Tasks of one family read the same kind of input and write the same kind of answer, but
+//!   disagree on which answer: merging their experts blindly averages rules that contradict
+//!   each other, as in the paper's Flan experts.
+//! - Each task reads its own *source* (its dataset): words from its own letters, numbers
+//!   from its own range written with its own separator. A router can tell tasks apart by
+//!   what they read, as Arrow does by the inputs an expert was trained on.
+//! - Two tasks of each family are *twins* of another task: the same source, rule and
+//!   instruction collected again, as Natural Instructions holds one dataset and instruction
+//!   in several tasks. Their experts are near-duplicates, which is why a greedy subset of
+//!   the library suffices. (A twin under a new tag would not do: on this small model an
+//!   expert keys on its tag, and one trained on `reverse` ignores `mirror` prompts.)
+//!
+//! A short tag at the start of each prompt names the task's instruction, as Flan's
+//! instructions do; a twin carries the tag of the task it twins.
 
 use rand::Rng;
 
-/// One task: its family, its name (also its tag and its expert's name) and its rule.
+/// One task: its family, its name (also its expert's name and, unless it is a twin, its
+/// tag), its rule and the source its inputs are drawn from.
 pub struct Task {
     pub family: &'static str,
     pub name: &'static str,
+    /// The task whose source, rule and tag this one shares, if it is a twin.
+    pub twin_of: Option<&'static str>,
+    source: Source,
     rule: fn(&Input) -> String,
 }
 
@@ -17,18 +33,17 @@ pub struct Task {
 #[derive(Debug, Clone)]
 pub enum Input {
     Word(String),
-    Pair(u32, u32),
+    /// Two numbers and the separator the source writes between them.
+    Pair(u32, u32, char),
     Words(Vec<String>),
-    Number(u32),
 }
 
 impl Input {
-    fn text(&self) -> String {
+    pub fn text(&self) -> String {
         match self {
             Input::Word(w) => w.clone(),
-            Input::Pair(a, b) => format!("{a},{b}"),
+            Input::Pair(a, b, sep) => format!("{a}{sep}{b}"),
             Input::Words(ws) => ws.join(" "),
-            Input::Number(n) => n.to_string(),
         }
     }
 
@@ -41,17 +56,28 @@ impl Input {
 
     fn pair(&self) -> (u32, u32) {
         match self {
-            Input::Pair(a, b) => (*a, *b),
+            Input::Pair(a, b, _) => (*a, *b),
             _ => unreachable!("family guarantees a pair"),
         }
     }
 
     fn words(&self) -> &[String] {
         match self {
+            Input::Word(_) | Input::Pair(..) => unreachable!("family guarantees words"),
             Input::Words(ws) => ws,
-            _ => unreachable!("family guarantees words"),
         }
     }
+}
+
+/// Where a task's inputs come from: its "dataset".
+#[derive(Debug, Clone, Copy)]
+enum Source {
+    /// Words whose consonants are these letters.
+    Words { consonants: &'static str },
+    /// Lists of two to four such words.
+    Lists { consonants: &'static str },
+    /// Two numbers in `from..from + 32`, written with `sep` between them.
+    Pairs { from: u32, sep: char },
 }
 
 fn shift(c: char, by: u8) -> char {
@@ -62,174 +88,148 @@ fn yes_no(b: bool) -> String {
     if b { "yes" } else { "no" }.into()
 }
 
-/// All tasks, grouped by family, in a fixed order.
+fn reverse(i: &Input) -> String {
+    i.word().chars().rev().collect()
+}
+
+fn upper(i: &Input) -> String {
+    i.word().to_uppercase()
+}
+
+fn add(i: &Input) -> String {
+    let (a, b) = i.pair();
+    (a + b).to_string()
+}
+
+fn max(i: &Input) -> String {
+    let (a, b) = i.pair();
+    a.max(b).to_string()
+}
+
+fn first(i: &Input) -> String {
+    i.words()[0].clone()
+}
+
+fn count(i: &Input) -> String {
+    i.words().len().to_string()
+}
+
+fn starts_with_vowel(i: &Input) -> String {
+    yes_no(i.word().starts_with(VOWELS))
+}
+
+fn long(i: &Input) -> String {
+    yes_no(i.word().len() > 5)
+}
+
+fn brackets(i: &Input) -> String {
+    format!("[{}]", i.word())
+}
+
+fn dashes(i: &Input) -> String {
+    i.word()
+        .chars()
+        .map(String::from)
+        .collect::<Vec<_>>()
+        .join("-")
+}
+
+const VOWELS: [char; 5] = ['a', 'e', 'i', 'o', 'u'];
+
+/// A task with its own source.
+fn task(
+    family: &'static str,
+    name: &'static str,
+    source: Source,
+    rule: fn(&Input) -> String,
+) -> Task {
+    Task {
+        family,
+        name,
+        twin_of: None,
+        source,
+        rule,
+    }
+}
+
+/// `name`, the same task as `of` under another tag.
+fn twin(of: &Task, name: &'static str) -> Task {
+    Task {
+        family: of.family,
+        name,
+        twin_of: Some(of.name),
+        source: of.source,
+        rule: of.rule,
+    }
+}
+
+/// All tasks, grouped by family, in a fixed order: three tasks of their own, then the twins
+/// of the first two.
 pub fn all() -> Vec<Task> {
-    vec![
+    let words = |consonants| Source::Words { consonants };
+    let lists = |consonants| Source::Lists { consonants };
+    let pairs = |from, sep| Source::Pairs { from, sep };
+    let families: [[Task; 3]; 5] = [
         // Strings: a lowercase word in, a transformed word out.
-        Task {
-            family: "strings",
-            name: "reverse",
-            rule: |i| i.word().chars().rev().collect(),
-        },
-        Task {
-            family: "strings",
-            name: "upper",
-            rule: |i| i.word().to_uppercase(),
-        },
-        Task {
-            family: "strings",
-            name: "rot13",
-            rule: |i| i.word().chars().map(|c| shift(c, 13)).collect(),
-        },
-        Task {
-            family: "strings",
-            name: "shift1",
-            rule: |i| i.word().chars().map(|c| shift(c, 1)).collect(),
-        },
-        Task {
-            family: "strings",
-            name: "sorted",
-            rule: |i| {
-                let mut cs: Vec<char> = i.word().chars().collect();
-                cs.sort_unstable();
-                cs.into_iter().collect()
-            },
-        },
+        [
+            task("strings", "reverse", words("bdkm"), reverse),
+            task("strings", "upper", words("lnpr"), upper),
+            task("strings", "rot13", words("stvz"), |i| {
+                i.word().chars().map(|c| shift(c, 13)).collect()
+            }),
+        ],
         // Arithmetic: two numbers in, one number out.
-        Task {
-            family: "arithmetic",
-            name: "add",
-            rule: |i| {
-                let (a, b) = i.pair();
-                (a + b).to_string()
-            },
-        },
-        Task {
-            family: "arithmetic",
-            name: "diff",
-            rule: |i| {
+        [
+            task("arithmetic", "add", pairs(0, ','), add),
+            task("arithmetic", "max", pairs(32, ';'), max),
+            task("arithmetic", "diff", pairs(64, ':'), |i| {
                 let (a, b) = i.pair();
                 a.abs_diff(b).to_string()
-            },
-        },
-        Task {
-            family: "arithmetic",
-            name: "max",
-            rule: |i| {
-                let (a, b) = i.pair();
-                a.max(b).to_string()
-            },
-        },
-        Task {
-            family: "arithmetic",
-            name: "min",
-            rule: |i| {
-                let (a, b) = i.pair();
-                a.min(b).to_string()
-            },
-        },
-        Task {
-            family: "arithmetic",
-            name: "swap",
-            rule: |i| {
-                let (a, b) = i.pair();
-                format!("{b},{a}")
-            },
-        },
+            }),
+        ],
         // Extraction: a list of words in, one word (or a count) out.
-        Task {
-            family: "extraction",
-            name: "first",
-            rule: |i| i.words()[0].clone(),
-        },
-        Task {
-            family: "extraction",
-            name: "last",
-            rule: |i| i.words().last().expect("non-empty").clone(),
-        },
-        Task {
-            family: "extraction",
-            name: "second",
-            rule: |i| i.words()[1].clone(),
-        },
-        Task {
-            family: "extraction",
-            name: "longest",
-            // The first of the longest, so the answer is unique.
-            rule: |i| {
-                i.words().iter().fold(String::new(), |best, w| {
-                    if w.len() > best.len() {
-                        w.clone()
-                    } else {
-                        best
-                    }
-                })
-            },
-        },
-        Task {
-            family: "extraction",
-            name: "count",
-            rule: |i| i.words().len().to_string(),
-        },
+        [
+            task("extraction", "first", lists("fgjw"), first),
+            task("extraction", "count", lists("bhnt"), count),
+            task("extraction", "last", lists("cdlp"), |i| {
+                i.words().last().expect("non-empty").clone()
+            }),
+        ],
         // Classification: a word in, yes or no out.
-        Task {
-            family: "classify",
-            name: "vowel",
-            rule: |i| yes_no(i.word().starts_with(['a', 'e', 'i', 'o', 'u'])),
-        },
-        Task {
-            family: "classify",
-            name: "long",
-            rule: |i| yes_no(i.word().len() > 5),
-        },
-        Task {
-            family: "classify",
-            name: "has_e",
-            rule: |i| yes_no(i.word().contains('e')),
-        },
-        Task {
-            family: "classify",
-            name: "ends_vowel",
-            rule: |i| yes_no(i.word().ends_with(['a', 'e', 'i', 'o', 'u'])),
-        },
-        Task {
-            family: "classify",
-            name: "early",
-            rule: |i| yes_no(i.word() < "n"),
-        },
+        [
+            task("classify", "vowel", words("cgsw"), starts_with_vowel),
+            task("classify", "long", words("fhmv"), long),
+            task("classify", "has_e", words("jkrt"), |i| {
+                yes_no(i.word().contains('e'))
+            }),
+        ],
         // Formatting: a word in, the word wrapped or spelled out another way.
-        Task {
-            family: "format",
-            name: "brackets",
-            rule: |i| format!("[{}]", i.word()),
-        },
-        Task {
-            family: "format",
-            name: "quotes",
-            rule: |i| format!("\"{}\"", i.word()),
-        },
-        Task {
-            family: "format",
-            name: "dashes",
-            rule: |i| {
-                i.word()
-                    .chars()
-                    .map(String::from)
-                    .collect::<Vec<_>>()
-                    .join("-")
-            },
-        },
-        Task {
-            family: "format",
-            name: "twice",
-            rule: |i| format!("{0}{0}", i.word()),
-        },
-        Task {
-            family: "format",
-            name: "dots",
-            rule: |i| format!("..{}..", i.word()),
-        },
-    ]
+        [
+            task("format", "brackets", words("dgpz"), brackets),
+            task("format", "dashes", words("bklw"), dashes),
+            task("format", "quotes", words("fmns"), |i| {
+                format!("\"{}\"", i.word())
+            }),
+        ],
+    ];
+    let twin_names = [
+        ["reverse-2", "upper-2"],
+        ["add-2", "max-2"],
+        ["first-2", "count-2"],
+        ["vowel-2", "long-2"],
+        ["brackets-2", "dashes-2"],
+    ];
+    let mut out = Vec::new();
+    for (tasks, names) in families.into_iter().zip(twin_names) {
+        let twins: Vec<Task> = names
+            .iter()
+            .zip(&tasks)
+            .map(|(name, of)| twin(of, name))
+            .collect();
+        out.extend(tasks);
+        out.extend(twins);
+    }
+    out
 }
 
 /// The families, in order.
@@ -243,42 +243,55 @@ pub fn families() -> Vec<&'static str> {
     out
 }
 
-const SYLLABLES: [&str; 20] = [
-    "ka", "lo", "mi", "ne", "po", "ru", "sa", "te", "vi", "zo", "ba", "de", "fu", "gi", "ho", "ja",
-    "el", "an", "or", "ee",
-];
-
-fn word(rng: &mut impl Rng, min: usize, max: usize) -> String {
+/// A word of `min..=max` letters from syllables of `consonants` and vowels: mostly
+/// consonant-vowel, a third of the syllables vowel-consonant (so some words start with a
+/// vowel and some end with a consonant).
+fn word(rng: &mut impl Rng, consonants: &str, min: usize, max: usize) -> String {
+    let consonants: Vec<char> = consonants.chars().collect();
     let mut w = String::new();
     let target = rng.random_range(min..=max);
     while w.len() < target {
-        w.push_str(SYLLABLES[rng.random_range(0..SYLLABLES.len())]);
+        let c = consonants[rng.random_range(0..consonants.len())];
+        let v = VOWELS[rng.random_range(0..VOWELS.len())];
+        if rng.random_range(0..3) == 0 {
+            w.extend([v, c]);
+        } else {
+            w.extend([c, v]);
+        }
     }
     w.truncate(target);
     w
 }
 
-/// Draws an input of the kind `family` reads.
-pub fn draw_input(family: &str, rng: &mut impl Rng) -> Input {
-    match family {
-        "strings" | "classify" | "format" => Input::Word(word(rng, 3, 7)),
-        "arithmetic" => Input::Pair(rng.random_range(0..32), rng.random_range(0..32)),
-        "extraction" => {
-            let n = rng.random_range(2..=4);
-            Input::Words((0..n).map(|_| word(rng, 2, 5)).collect())
-        }
-        other => unreachable!("unknown family {other}"),
-    }
-}
-
 impl Task {
+    /// The instruction at the start of its prompts: its name, or its twin's.
+    pub fn tag(&self) -> &'static str {
+        self.twin_of.unwrap_or(self.name)
+    }
+
     /// The prompt: the task's tag, then the input, then `>`.
     pub fn prompt(&self, input: &Input) -> String {
-        format!("{} {}>", self.name, input.text())
+        format!("{} {}>", self.tag(), input.text())
     }
 
     /// The right answer, newline-terminated.
     pub fn completion(&self, input: &Input) -> String {
         format!("{}\n", (self.rule)(input))
+    }
+
+    /// Draws an input from this task's source.
+    pub fn draw_input(&self, rng: &mut impl Rng) -> Input {
+        match self.source {
+            Source::Words { consonants } => Input::Word(word(rng, consonants, 3, 7)),
+            Source::Lists { consonants } => {
+                let n = rng.random_range(2..=4);
+                Input::Words((0..n).map(|_| word(rng, consonants, 2, 5)).collect())
+            }
+            Source::Pairs { from, sep } => Input::Pair(
+                rng.random_range(from..from + 32),
+                rng.random_range(from..from + 32),
+                sep,
+            ),
+        }
     }
 }
