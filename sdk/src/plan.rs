@@ -106,6 +106,32 @@ impl ModulePlan {
     pub fn is_none(&self) -> bool {
         matches!(self, ModulePlan::None)
     }
+
+    /// Expert `i` of `n` alone: a static merge with weight 1 on it and 0 on the others.
+    pub fn one_hot(i: usize, n: usize, space: MergeSpace) -> Self {
+        let mut weights = vec![0.0; n];
+        weights[i] = 1.0;
+        ModulePlan::Static {
+            weights,
+            space,
+            svd_rank: None,
+        }
+    }
+}
+
+impl Ensemble {
+    /// Every one of `n` experts alone as a member (an exact one-hot merge), weighted `1/n`:
+    /// the uniform output ensemble.
+    pub fn uniform(level: EnsembleLevel, n: usize) -> Self {
+        let members = (0..n)
+            .map(|i| Member {
+                weight: 1.0 / n as f64,
+                default: ModulePlan::one_hot(i, n, MergeSpace::Exact),
+                modules: BTreeMap::new(),
+            })
+            .collect();
+        Ensemble { level, members }
+    }
 }
 
 /// How one module combines the experts.

@@ -69,6 +69,54 @@ impl ExpertView<'_> {
     }
 }
 
+/// Two experts adapting one module at different ranks: what a low-rank merge (which averages
+/// the factors elementwise) cannot take.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RankMismatch {
+    pub module: String,
+    /// The first expert adapting the module, and its rank there.
+    pub first: (String, usize),
+    /// The first expert after it with another rank, and that rank.
+    pub other: (String, usize),
+}
+
+impl RankMismatch {
+    /// The refusal of a policy whose parameter `param` asked for `lowrank`.
+    pub fn refusal(&self, param: &str) -> PolicyError {
+        let ((name, rank), (other, other_rank)) = (&self.first, &self.other);
+        PolicyError::invalid(format!(
+            "{param}=lowrank needs equal ranks, but module {} has rank {rank} in {name} and \
+             {other_rank} in {other}; use {param}=exact",
+            self.module
+        ))
+    }
+}
+
+/// The first module of `modules` that `experts` adapt at different ranks, if any.
+pub fn rank_mismatch<'m>(
+    experts: &[ExpertView<'_>],
+    modules: impl IntoIterator<Item = &'m str>,
+) -> Option<RankMismatch> {
+    for module in modules {
+        let mut first: Option<(usize, &str)> = None;
+        for e in experts {
+            let Some(m) = e.module(module) else { continue };
+            match first {
+                None => first = Some((m.rank, &e.name)),
+                Some((rank, name)) if rank != m.rank => {
+                    return Some(RankMismatch {
+                        module: module.to_string(),
+                        first: (name.to_string(), rank),
+                        other: (e.name.clone(), m.rank),
+                    })
+                }
+                Some(_) => {}
+            }
+        }
+    }
+    None
+}
+
 /// One LoRA'd module of an expert: `ΔW = scale · B A`, borrowed read-only.
 #[derive(Debug, Clone, Copy)]
 pub struct ModuleFactors<'a> {

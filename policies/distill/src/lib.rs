@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 
 use moerge_sdk::optimize::{distillation_template, OptimizeOptions};
 use moerge_sdk::params::{ParamSpec, ParamValue, Params};
-use moerge_sdk::plan::{fixed_a_name, fixed_b_name, Ensemble, EnsembleLevel, Member, MergeSpace};
+use moerge_sdk::plan::{fixed_a_name, fixed_b_name, Ensemble, EnsembleLevel};
 use moerge_sdk::plan::{ModulePlan, Plan};
 use moerge_sdk::policy::{FitContext, Fitted, Policy, PolicyError, TensorData};
 
@@ -100,27 +100,11 @@ fn teacher(
     params: &Params,
     options: &OptimizeOptions,
 ) -> Result<Fitted, PolicyError> {
-    let n = ctx.experts().len();
-    let members = (0..n)
-        .map(|i| {
-            let mut weights = vec![0.0; n];
-            weights[i] = 1.0;
-            Member {
-                weight: 1.0 / n as f64,
-                default: ModulePlan::Static {
-                    weights,
-                    space: MergeSpace::Exact,
-                    svd_rank: None,
-                },
-                modules: BTreeMap::new(),
-            }
-        })
-        .collect();
     let plan = Plan {
-        ensemble: Some(Ensemble {
-            level: EnsembleLevel::Probability,
-            members,
-        }),
+        ensemble: Some(Ensemble::uniform(
+            EnsembleLevel::Probability,
+            ctx.experts().len(),
+        )),
         ..ctx.plan(ModulePlan::None)
     };
     let uniform = Fitted::plan(plan);

@@ -4,7 +4,7 @@
 
 use moerge_sdk::optimize::OptimizeOptions;
 use moerge_sdk::params::{ParamSpec, Params};
-use moerge_sdk::plan::{Ensemble, EnsembleLevel, Member, MergeSpace, ModulePlan};
+use moerge_sdk::plan::{Ensemble, EnsembleLevel, ModulePlan};
 use moerge_sdk::policy::{FitContext, Fitted, Policy, PolicyError};
 
 #[derive(Default)]
@@ -47,23 +47,8 @@ impl Policy for OutputEnsemble {
             "logit" => EnsembleLevel::Logit,
             _ => EnsembleLevel::Probability,
         };
-        let members = (0..n)
-            .map(|i| {
-                let mut weights = vec![0.0; n];
-                weights[i] = 1.0;
-                Member {
-                    weight: 1.0 / n as f64,
-                    default: ModulePlan::Static {
-                        weights,
-                        space: MergeSpace::Exact,
-                        svd_rank: None,
-                    },
-                    modules: Default::default(),
-                }
-            })
-            .collect();
         let mut plan = ctx.plan(ModulePlan::None);
-        plan.ensemble = Some(Ensemble { level, members });
+        plan.ensemble = Some(Ensemble::uniform(level, n));
         let uniform = Fitted::plan(plan);
         if params.str("weights")? == "uniform" {
             return Ok(uniform);

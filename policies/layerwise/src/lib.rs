@@ -29,7 +29,7 @@ use std::collections::BTreeMap;
 use moerge_sdk::optimize::{OptimizeOptions, RouterInit};
 use moerge_sdk::params::{ParamSpec, ParamValue, Params};
 use moerge_sdk::plan::{Granularity, MergeSpace, Mix, ModulePlan, Router};
-use moerge_sdk::policy::{ExpertView, FitContext, Fitted, Policy, PolicyError, Split};
+use moerge_sdk::policy::{rank_mismatch, FitContext, Fitted, Policy, PolicyError, Split};
 
 use crate::conflict::{LayerConflict, Measure};
 
@@ -269,7 +269,10 @@ impl Settings {
         let mut modules = BTreeMap::new();
         for (c, &r) in conflicts.iter().zip(routed) {
             if !r && self.space == MergeSpace::LowRank {
-                check_equal_ranks(ctx.experts(), &c.layer.modules)?;
+                let modules = c.layer.modules.iter().map(String::as_str);
+                if let Some(m) = rank_mismatch(ctx.experts(), modules) {
+                    return Err(m.refusal("merge_space"));
+                }
             }
             let plan = if r { route.clone() } else { merged.clone() };
             modules.insert(c.layer.key.clone(), plan);
@@ -331,29 +334,6 @@ fn choose_by_validation(
         )));
     }
     Ok(best)
-}
-
-/// A low-rank merge averages factors elementwise, so every expert must have the same rank on
-/// each merged module.
-fn check_equal_ranks(experts: &[ExpertView<'_>], modules: &[String]) -> Result<(), PolicyError> {
-    for module in modules {
-        let mut first: Option<(usize, &str)> = None;
-        for e in experts {
-            let Some(m) = e.module(module) else { continue };
-            match first {
-                None => first = Some((m.rank, &e.name)),
-                Some((rank, name)) if rank != m.rank => {
-                    return Err(PolicyError::invalid(format!(
-                        "merge_space=lowrank needs equal ranks, but module {module} has rank \
-                         {rank} in {name} and {} in {}; use merge_space=exact",
-                        m.rank, e.name
-                    )))
-                }
-                Some(_) => {}
-            }
-        }
-    }
-    Ok(())
 }
 
 /// The report: which layers are merged and which routed, each with its score.

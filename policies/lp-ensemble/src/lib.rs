@@ -15,7 +15,9 @@ pub mod weights;
 
 use moerge_sdk::params::{ParamSpec, Params};
 use moerge_sdk::plan::{Ensemble, EnsembleLevel, Member, MergeSpace, ModulePlan};
-use moerge_sdk::policy::{ExpertView, FitContext, Fitted, Policy, PolicyError, Split};
+use moerge_sdk::policy::{
+    rank_mismatch, ExpertView, FitContext, Fitted, Policy, PolicyError, Split,
+};
 
 use crate::tasks::TaskIndex;
 use crate::weights::{mixture_weights, Objective, WeightsError};
@@ -92,7 +94,7 @@ impl Policy for LpEnsemble {
                 i as f64 / (n + 1) as f64,
                 &format!("evaluating expert {} alone ({} of {n})", expert.name, i + 1),
             );
-            let fitted = Fitted::plan(ctx.plan(one_hot(i, n, space)));
+            let fitted = Fitted::plan(ctx.plan(ModulePlan::one_hot(i, n, space)));
             let per_record = ctx.evaluate(&fitted, Split::Valid)?;
             let means = tasks.means(&per_record).map_err(|found| {
                 PolicyError::invalid(format!(
@@ -135,7 +137,7 @@ impl Policy for LpEnsemble {
             .iter()
             .map(|&i| Member {
                 weight: mixed[i],
-                default: one_hot(i, n, space),
+                default: ModulePlan::one_hot(i, n, space),
                 modules: Default::default(),
             })
             .collect();
@@ -157,28 +159,15 @@ impl Policy for LpEnsemble {
     }
 }
 
-/// Expert `i` alone: a static merge with weight 1 on it and 0 on the others.
-fn one_hot(i: usize, n: usize, space: MergeSpace) -> ModulePlan {
-    let mut weights = vec![0.0; n];
-    weights[i] = 1.0;
-    ModulePlan::Static {
-        weights,
-        space,
-        svd_rank: None,
-    }
-}
-
 /// Low-rank merge when it can run: a one-hot low-rank merge is the expert itself
 /// (`A = sqrt(s) A_e`, `B = sqrt(s) B_e`, scale 1) at its own rank, but the host refuses it
 /// unless all experts adapting a module share one rank. Otherwise the exact merge, which is
 /// the expert itself too, at the cost of carrying the others' zero-weighted factors.
 fn member_space(experts: &[ExpertView<'_>]) -> MergeSpace {
-    let equal_ranks = experts.iter().all(|e| {
-        e.modules
-            .iter()
-            .all(|m| (experts.iter().filter_map(|o| o.module(m.module))).all(|o| o.rank == m.rank))
-    });
-    if equal_ranks {
+    let modules = experts
+        .iter()
+        .flat_map(|e| e.modules.iter().map(|m| m.module));
+    if rank_mismatch(experts, modules).is_none() {
         MergeSpace::LowRank
     } else {
         MergeSpace::Exact

@@ -5,7 +5,7 @@
 
 use moerge_sdk::params::{ParamSpec, Params};
 use moerge_sdk::plan::{MergeSpace, ModulePlan};
-use moerge_sdk::policy::{FitContext, Fitted, Policy, PolicyError};
+use moerge_sdk::policy::{rank_mismatch, FitContext, Fitted, Policy, PolicyError};
 
 #[derive(Default)]
 pub struct UniformMerge;
@@ -55,7 +55,9 @@ impl Policy for UniformMerge {
                     "parameter svd_rank needs space=exact or space=folded",
                 ));
             }
-            check_equal_ranks(ctx)?;
+            if let Some(m) = rank_mismatch(ctx.experts(), ctx.module_paths()) {
+                return Err(m.refusal("space"));
+            }
         }
         let weights = vec![1.0 / n as f64; n];
         Ok(Fitted::plan(ctx.plan(ModulePlan::Static {
@@ -64,30 +66,6 @@ impl Policy for UniformMerge {
             svd_rank,
         })))
     }
-}
-
-/// A low-rank merge averages factors elementwise, so every expert must have the same rank on
-/// each module.
-fn check_equal_ranks(ctx: &FitContext<'_>) -> Result<(), PolicyError> {
-    let experts = ctx.experts();
-    for module in ctx.module_paths() {
-        let mut first: Option<(usize, &str)> = None;
-        for e in experts {
-            let Some(m) = e.module(module) else { continue };
-            match first {
-                None => first = Some((m.rank, &e.name)),
-                Some((rank, name)) if rank != m.rank => {
-                    return Err(PolicyError::invalid(format!(
-                        "space=lowrank needs equal ranks, but module {module} has rank {rank} \
-                         in {name} and {} in {}; use space=exact",
-                        m.rank, e.name
-                    )))
-                }
-                Some(_) => {}
-            }
-        }
-    }
-    Ok(())
 }
 
 moerge_sdk::export_policy!(UniformMerge);
