@@ -9,9 +9,9 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Tensor, Var, D};
 use moerge_library::{Adapter, F32Tensor, TensorMap};
-use moerge_sdk::plan::{self, ModulePlan, Plan};
+use moerge_sdk::plan::{self, Plan};
 
 use crate::error::{EngineError, Result};
 use crate::fused::{FusedModel, LanguageModel};
@@ -183,35 +183,8 @@ pub(crate) fn fixed_vars(
     tensors: &TensorMap,
 ) -> Result<BTreeMap<String, (Var, Var)>> {
     let mut out = BTreeMap::new();
-    for name in tensors.keys() {
-        let Some(module) = name.strip_suffix(".lora_A.weight") else {
-            continue;
-        };
-        if template.module(module) != &ModulePlan::Fixed {
-            continue;
-        }
-        let (a_name, b_name) = (plan::fixed_a_name(module), plan::fixed_b_name(module));
-        let a = &tensors[&a_name];
-        let b = tensors.get(&b_name).ok_or_else(|| {
-            fixed_error(format!(
-                "module {module} is fixed: the tensors have {a_name} but no {b_name}"
-            ))
-        })?;
-        let (&[r, inp], &[out_features, rb]) = (a.shape.as_slice(), b.shape.as_slice()) else {
-            return Err(fixed_error(format!(
-                "module {module}: fixed factors must be 2-D, got {a_name} {:?} and {b_name} {:?}",
-                a.shape, b.shape
-            )));
-        };
-        if rb != r {
-            return Err(fixed_error(format!(
-                "module {module}: {a_name} has rank {r} but {b_name} has {rb}"
-            )));
-        }
-        let dev = Device::Cpu;
-        let a = Var::from_tensor(&Tensor::from_vec(a.data.clone(), (r, inp), &dev)?)?;
-        let b = Var::from_tensor(&Tensor::from_vec(b.data.clone(), (out_features, r), &dev)?)?;
-        out.insert(module.to_string(), (a, b));
+    for (module, (a, b)) in crate::merge::fixed_factors(template, tensors, "template")? {
+        out.insert(module, (Var::from_tensor(&a)?, Var::from_tensor(&b)?));
     }
     Ok(out)
 }

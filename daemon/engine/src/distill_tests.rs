@@ -6,37 +6,13 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Mutex;
 
 use moerge_sdk::optimize::{OptimizeOptions, TEACHER_TENSOR_PREFIX};
-use moerge_sdk::plan::{Ensemble, EnsembleLevel, Member, MergeSpace};
+use moerge_sdk::plan::{EnsembleLevel, MergeSpace, ModulePlan};
 use moerge_sdk::policy::{Fitted, HostServices, Record};
 use rand::{Rng, SeedableRng};
 
 use super::*;
-use crate::plan_fit::tests::{plan_of, setup};
+use crate::plan_fit::tests::{one_hot_ensemble, plan_of, setup};
 use crate::plan_fit::{fit_plan, PlanFitOptions};
-
-fn one_hot(n: usize, i: usize) -> ModulePlan {
-    ModulePlan::Static {
-        weights: (0..n).map(|j| f64::from(u8::from(i == j))).collect(),
-        space: MergeSpace::Exact,
-        svd_rank: None,
-    }
-}
-
-/// An ensemble of one member per expert (each that expert alone).
-fn ensemble_teacher(experts: &[Adapter], weights: &[f64], level: EnsembleLevel) -> Plan {
-    let mut plan = plan_of(experts, ModulePlan::None);
-    plan.ensemble = Some(Ensemble {
-        level,
-        members: (0..weights.len())
-            .map(|i| Member {
-                weight: weights[i],
-                default: one_hot(experts.len(), i),
-                modules: Default::default(),
-            })
-            .collect(),
-    });
-    plan
-}
 
 /// A student with a fixed rank-`r` update on every module the experts adapt: `A` uniform in
 /// ±1/√in (PEFT's), `B` zero or, with `b_scale > 0`, uniform in ±`b_scale`.
@@ -174,9 +150,9 @@ fn the_kl_loss_and_its_gradients_match_plain_loops_over_the_served_models() {
     let (base, experts, data) = setup();
     let (template, tensors) = student(&experts, 4, 0.05, 7);
     let teachers = [
-        plan_of(&experts, one_hot(3, 1)),
-        ensemble_teacher(&experts, &[0.5, 0.3, 0.2], EnsembleLevel::Probability),
-        ensemble_teacher(&experts, &[0.6, 0.4, 0.3], EnsembleLevel::Logit),
+        plan_of(&experts, ModulePlan::one_hot(1, 3, MergeSpace::Exact)),
+        one_hot_ensemble(&experts, &[0.5, 0.3, 0.2], EnsembleLevel::Probability),
+        one_hot_ensemble(&experts, &[0.6, 0.4, 0.3], EnsembleLevel::Logit),
     ];
     let served = |t: &TensorMap| base.fuse_with(&template, &experts, t).unwrap();
     for plan in teachers {
@@ -238,7 +214,7 @@ fn distilling_a_single_expert_into_an_equal_rank_adapter_imitates_it_and_serves(
     let rank = experts[1].modules().values().next().unwrap().rank;
     let (template, tensors) = student(&experts, rank, 0.0, 3);
     let teacher = Teacher {
-        plan: plan_of(&experts, one_hot(3, 1)),
+        plan: plan_of(&experts, ModulePlan::one_hot(1, 3, MergeSpace::Exact)),
         tensors: TensorMap::new(),
     };
     let before = plain_kl(
@@ -294,7 +270,7 @@ fn refusals_name_what_is_wrong() {
         .to_string()
     };
     // A teacher over the experts in another order.
-    let mut reordered = plan_of(&experts, one_hot(3, 0));
+    let mut reordered = plan_of(&experts, ModulePlan::one_hot(0, 3, MergeSpace::Exact));
     reordered.experts.swap(0, 1);
     let err = fit(
         &template,
@@ -384,7 +360,7 @@ fn the_host_service_keeps_the_teachers_tensors_apart_and_out_of_the_result() {
     assert!(messages.iter().any(|m| m.contains("KL")), "{messages:?}");
     // A teacher that is not a valid plan is refused, naming it.
     let mut broken = teacher_plan;
-    broken.default = one_hot(2, 0);
+    broken.default = ModulePlan::one_hot(0, 2, MergeSpace::Exact);
     let options = OptimizeOptions {
         teacher: Some(Box::new(broken)),
         ..options

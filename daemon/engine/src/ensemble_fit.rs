@@ -187,31 +187,8 @@ fn batch_loss(theta: &Var, batch: &[&Cached], level: EnsembleLevel) -> Result<Te
 
 #[cfg(test)]
 mod tests {
-    use moerge_sdk::plan::{Ensemble, Member, MergeSpace, ModulePlan};
-
     use super::*;
-    use crate::plan_fit::tests::{plan_of, setup};
-
-    fn ensemble(experts: &[Adapter], weights: &[f64], level: EnsembleLevel) -> Plan {
-        let mut plan = plan_of(experts, ModulePlan::None);
-        plan.ensemble = Some(Ensemble {
-            level,
-            members: (0..weights.len())
-                .map(|i| Member {
-                    weight: weights[i],
-                    default: ModulePlan::Static {
-                        weights: (0..weights.len())
-                            .map(|j| f64::from(u8::from(i == j)))
-                            .collect(),
-                        space: MergeSpace::Exact,
-                        svd_rank: None,
-                    },
-                    modules: Default::default(),
-                })
-                .collect(),
-        });
-        plan
-    }
+    use crate::plan_fit::tests::{one_hot_ensemble, setup};
 
     fn serving_loss(base: &BaseModel, experts: &[Adapter], plan: &Plan, data: &[Example]) -> f32 {
         let model = base.fuse(plan, experts).unwrap();
@@ -227,7 +204,7 @@ mod tests {
         let (base, experts, data) = setup();
         for level in [EnsembleLevel::Probability, EnsembleLevel::Logit] {
             let weights = [0.5, 0.3, 0.2];
-            let template = ensemble(&experts, &weights, level);
+            let template = one_hot_ensemble(&experts, &weights, level);
             let members = template
                 .passes()
                 .into_iter()

@@ -159,7 +159,38 @@ pub fn merged_modules(
 /// The modules `plan` marks fixed: their factors are named in `tensors` by module path, so
 /// the tensor names say which modules exist (a fixed module may be one no expert adapts).
 fn fixed_modules(plan: &Plan, tensors: &TensorMap) -> Result<BTreeMap<String, MergedModule>> {
+    let out: BTreeMap<String, MergedModule> = fixed_factors(plan, tensors, "plan")?
+        .into_iter()
+        .map(|(module, (a, b))| {
+            let merged = MergedModule {
+                space: MergeSpace::Exact,
+                a,
+                b,
+            };
+            (module, merged)
+        })
+        .collect();
+    let fixed_somewhere = std::iter::once(&plan.default)
+        .chain(plan.modules.values())
+        .any(|p| *p == ModulePlan::Fixed);
+    if fixed_somewhere && out.is_empty() {
+        return Err(plan_error(
+            "marks modules fixed but the plan's tensors hold no <module>.lora_A.weight factors"
+                .into(),
+        ));
+    }
+    Ok(out)
+}
+
+/// The factors `(A [r, in], B [out, r])` of every module `plan` marks fixed, read from
+/// `tensors` (`<module>.lora_A.weight` / `.lora_B.weight`); errors name `argument`.
+pub(crate) fn fixed_factors(
+    plan: &Plan,
+    tensors: &TensorMap,
+    argument: &'static str,
+) -> Result<BTreeMap<String, (Tensor, Tensor)>> {
     use moerge_sdk::plan::{fixed_a_name, fixed_b_name};
+    let error = |message| EngineError::InvalidArgument { argument, message };
     let mut out = BTreeMap::new();
     for name in tensors.keys() {
         let Some(module) = name.strip_suffix(".lora_A.weight") else {
@@ -171,38 +202,24 @@ fn fixed_modules(plan: &Plan, tensors: &TensorMap) -> Result<BTreeMap<String, Me
         let (a_name, b_name) = (fixed_a_name(module), fixed_b_name(module));
         let a = &tensors[&a_name];
         let b = tensors.get(&b_name).ok_or_else(|| {
-            plan_error(format!(
-                "module {module} is fixed: the plan's tensors have {a_name} but no {b_name}"
+            error(format!(
+                "module {module} is fixed: the {argument}'s tensors have {a_name} but no {b_name}"
             ))
         })?;
         let (&[r, inp], &[out_features, rb]) = (a.shape.as_slice(), b.shape.as_slice()) else {
-            return Err(plan_error(format!(
+            return Err(error(format!(
                 "module {module}: fixed factors must be 2-D, got {a_name} {:?} and {b_name} {:?}",
                 a.shape, b.shape
             )));
         };
         if rb != r {
-            return Err(plan_error(format!(
+            return Err(error(format!(
                 "module {module}: {a_name} has rank {r} but {b_name} has {rb}"
             )));
         }
-        out.insert(
-            module.to_string(),
-            MergedModule {
-                space: MergeSpace::Exact,
-                a: Tensor::from_vec(a.data.clone(), (r, inp), &Device::Cpu)?,
-                b: Tensor::from_vec(b.data.clone(), (out_features, r), &Device::Cpu)?,
-            },
-        );
-    }
-    let fixed_somewhere = std::iter::once(&plan.default)
-        .chain(plan.modules.values())
-        .any(|p| *p == ModulePlan::Fixed);
-    if fixed_somewhere && out.is_empty() {
-        return Err(plan_error(
-            "marks modules fixed but the plan's tensors hold no <module>.lora_A.weight factors"
-                .into(),
-        ));
+        let a = Tensor::from_vec(a.data.clone(), (r, inp), &Device::Cpu)?;
+        let b = Tensor::from_vec(b.data.clone(), (out_features, r), &Device::Cpu)?;
+        out.insert(module.to_string(), (a, b));
     }
     Ok(out)
 }

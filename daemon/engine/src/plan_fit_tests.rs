@@ -3,7 +3,9 @@
 
 use std::path::PathBuf;
 
-use moerge_sdk::plan::{ExpertRef, Group, PLAN_VERSION};
+use moerge_sdk::plan::{
+    Ensemble, EnsembleLevel, ExpertRef, Group, Member, MergeSpace, PLAN_VERSION,
+};
 
 use super::*;
 use crate::model::Precision;
@@ -30,6 +32,22 @@ pub(crate) fn setup() -> (BaseModel, Vec<Adapter>, Vec<Example>) {
         })
         .collect();
     (base, experts, data)
+}
+
+/// An ensemble of one member per expert (each that expert alone), with these weights.
+pub(crate) fn one_hot_ensemble(experts: &[Adapter], weights: &[f64], level: EnsembleLevel) -> Plan {
+    let mut plan = plan_of(experts, ModulePlan::None);
+    plan.ensemble = Some(Ensemble {
+        level,
+        members: (0..weights.len())
+            .map(|i| Member {
+                weight: weights[i],
+                default: ModulePlan::one_hot(i, experts.len(), MergeSpace::Exact),
+                modules: Default::default(),
+            })
+            .collect(),
+    });
+    plan
 }
 
 pub(crate) fn plan_of(experts: &[Adapter], default: ModulePlan) -> Plan {
