@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use moerge_engine::services::EngineServices;
+use moerge_engine::services::{EngineServices, ServicesInput};
 use moerge_engine::{BaseModel, Precision, TextTokenizer};
 use moerge_library::source::{self, HubSettings, ModelKind};
 use moerge_library::{records, write_tensor_file_bytes, Adapter, ExpertMetadata};
@@ -180,18 +180,18 @@ pub fn fit(args: &FitArgs) -> Result<ExitCode> {
                     metadata: m.as_ref(),
                 })
                 .collect();
-            let services = EngineServices::new(
-                &base,
-                &adapters,
-                &tokenizer,
-                &train,
-                &valid,
-                |fraction, message| {
-                    bar2.set_position((fraction.clamp(0.0, 1.0) * 1000.0) as u64);
-                    bar2.set_message(message.to_string());
-                },
-                &cancelled,
-            )?;
+            let input = ServicesInput {
+                base: &base,
+                experts: &adapters,
+                tokenizer: &tokenizer,
+                train: &train,
+                valid: &valid,
+                cancelled: &cancelled,
+            };
+            let services = EngineServices::new(input, |fraction, message| {
+                bar2.set_position((fraction.clamp(0.0, 1.0) * 1000.0) as u64);
+                bar2.set_message(message.to_string());
+            })?;
             let request = FitRequest {
                 experts: &inputs,
                 train: &train,

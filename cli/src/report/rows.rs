@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use indicatif::ProgressBar;
-use moerge_engine::services::EngineServices;
+use moerge_engine::services::{EngineServices, ServicesInput};
 use moerge_engine::trainer::{self, Example};
 use moerge_engine::{BaseModel, FusedModel, TextTokenizer};
 use moerge_library::{parse_tensor_file, TensorMap};
@@ -481,20 +481,20 @@ impl Runner<'_> {
             Vec::new()
         };
         let bar = self.bar;
-        let services = EngineServices::new(
-            self.base,
-            &lib.fused,
-            self.tokenizer,
-            &train,
-            &valid,
-            |fraction, message| {
-                bar.set_message(format!(
-                    "{label}: {:>3.0}% {message}",
-                    fraction.clamp(0.0, 1.0) * 100.0
-                ))
-            },
-            self.cancelled,
-        )?;
+        let input = ServicesInput {
+            base: self.base,
+            experts: &lib.fused,
+            tokenizer: self.tokenizer,
+            train: &train,
+            valid: &valid,
+            cancelled: self.cancelled,
+        };
+        let services = EngineServices::new(input, |fraction, message| {
+            bar.set_message(format!(
+                "{label}: {:>3.0}% {message}",
+                fraction.clamp(0.0, 1.0) * 100.0
+            ))
+        })?;
         let inputs: Vec<ExpertInput<'_>> = lib
             .fused
             .iter()

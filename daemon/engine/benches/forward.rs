@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
 use common::*;
-use moerge_engine::{BaseModel, KvCache, Precision};
+use moerge_engine::{BaseModel, ForwardState, Precision};
 use moerge_library::Adapter;
 
 // The allocator the binaries use: glibc's returns big buffers to the kernel between ops,
@@ -33,7 +33,7 @@ fn tokens_per_second(
     let input = Tensor::from_vec(ids, (batch, len), &Device::Cpu).unwrap();
     let run = |model: &BaseModel| {
         let start = Instant::now();
-        let logits = model.forward(&input, &mut KvCache::new()).unwrap();
+        let logits = model.forward(&input, &mut ForwardState::new()).unwrap();
         assert_eq!(logits.dims(), &[batch, len, model.vocab_size()]);
         start.elapsed()
     };

@@ -20,11 +20,11 @@ use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
 use common::*;
-use moerge_engine::{merge, BaseModel, FusedModel, KvCache, LanguageModel, Precision};
+use moerge_engine::{merge, BaseModel, ForwardState, FusedModel, LanguageModel, Precision};
 use moerge_library::{Adapter, F32Tensor, TensorMap};
 use moerge_sdk::plan::{
-    fixed_a_name, fixed_b_name, Ensemble, EnsembleLevel, ExpertRef, Granularity, Member,
-    MergeSpace, Mix, ModulePlan, Plan, Router, PLAN_VERSION,
+    fixed_a_name, fixed_b_name, Ensemble, EnsembleLevel, Granularity, Member, MergeSpace, Mix,
+    ModulePlan, Plan, Router,
 };
 
 #[global_allocator]
@@ -32,24 +32,14 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn plan(experts: &[Adapter], space: MergeSpace) -> Plan {
     let n = experts.len();
-    Plan {
-        version: PLAN_VERSION,
-        experts: experts
-            .iter()
-            .map(|e| ExpertRef {
-                name: e.name().into(),
-                hash: e.hash().to_string(),
-            })
-            .collect(),
-        default: ModulePlan::Static {
+    plan_of(
+        experts,
+        ModulePlan::Static {
             weights: vec![1.0 / n as f64; n],
             space,
             svd_rank: None,
         },
-        modules: Default::default(),
-        ensemble: None,
-        tensors: None,
-    }
+    )
 }
 
 fn arrow_plan(experts: &[Adapter]) -> Plan {
@@ -205,7 +195,8 @@ fn merge_speed() {
         let mut sink = vec![0u8; bytes];
         for _ in 0..7 {
             let start = Instant::now();
-            let merged = merge::merged_modules(&p, &experts, &Default::default()).unwrap();
+            let merged =
+                merge::merged_modules(&p, &experts, &Default::default(), &Device::Cpu).unwrap();
             merge_t.push(start.elapsed());
             assert_eq!(merged.len(), 12);
             // Baseline: copy the same LoRA bytes from the same maps.
@@ -328,7 +319,7 @@ fn serving_cost(label: &str, dir: &std::path::Path, targets: &[&str]) {
     for round in 0..60 {
         for (k, (_, m)) in models.iter().enumerate() {
             let start = Instant::now();
-            m.forward(&input, &mut KvCache::new()).unwrap();
+            m.forward(&input, &mut ForwardState::new()).unwrap();
             if round >= 5 {
                 times[k].push(start.elapsed());
             }

@@ -18,38 +18,58 @@
 //! # Ok(()) }
 //! ```
 
-mod adapter_linear;
-pub mod arrow;
-mod config;
-pub mod distill;
-mod ensemble_fit;
+// The layers, bottom first; each names only the ones above it in this list (checked by
+// `tests/layering.rs`, drawn in ARCHITECTURE.md).
 mod error;
-mod fused;
-pub mod inference;
-mod kernels;
-mod layers;
-mod linalg;
-mod llama;
-pub mod merge;
-mod model;
-mod phi;
-pub mod plan_fit;
-pub mod routing;
+mod fit;
+mod models;
+mod nn;
+mod plan;
+mod run;
 pub mod services;
-mod threads;
-mod tokenizer;
-mod trainable;
-pub mod trainer;
-mod worker;
+mod train;
 
-pub use adapter_linear::AdapterLinear;
 pub use error::{EngineError, Result};
-pub use fused::{EnsembleModel, FusedModel, LanguageModel};
-pub use layers::KvCache;
-pub use llama::{Llama, LlamaConfig};
-pub use model::{BaseModel, Precision};
-pub use phi::{Phi, PhiConfig};
-pub use threads::prefer_data_parallelism;
-pub use tokenizer::{write_byte_level_tokenizer, StreamDecoder, TextTokenizer};
-pub use trainable::{write_random_base, LoraSpec, TrainableBase, TrainableLora};
-pub use worker::{ComputeWorker, Pending};
+pub use models::{BaseModel, LanguageModel, Llama, LlamaConfig, Phi, PhiConfig, Precision};
+pub use nn::{prefer_data_parallelism, AdapterLinear, ForwardState};
+pub use plan::{EnsembleModel, FusedModel};
+pub use run::inference;
+pub use run::{write_byte_level_tokenizer, ComputeWorker, Pending, StreamDecoder, TextTokenizer};
+pub use train::trainable::{write_random_base, LoraSpec, TrainableBase, TrainableLora};
+
+/// Arrow prototypes: each expert module's top right singular vector.
+pub mod arrow {
+    pub use crate::plan::arrow::prototype;
+}
+
+/// Static merges, and their export as a PEFT adapter folder.
+pub mod merge {
+    pub use crate::plan::export::export_peft;
+    pub use crate::plan::merge::{merged_modules, MergedModule};
+}
+
+/// Which units routed modules chose, for `explain`.
+pub mod routing {
+    pub use crate::nn::RoutingRecord;
+    pub use crate::run::explain::{explain, trace, ModuleRouting};
+}
+
+/// Examples, their loss, and the optimiser loop.
+pub mod trainer {
+    pub use crate::run::examples::{batch_loss, example_losses, tokenize_records, Example};
+    pub use crate::train::trainer::{
+        learning_rate, train, train_with_loss, StepReport, TrainOptions, TrainSummary,
+    };
+}
+
+/// Fitting a plan's parameters (what a policy's `optimize` runs).
+pub mod plan_fit {
+    pub use crate::fit::plan_fit::{
+        evaluate_plan, fit_plan, FittedPlan, PlanFitOptions, RouterInit,
+    };
+}
+
+/// Distillation: a teacher plan whose distributions a fit learns to match.
+pub mod distill {
+    pub use crate::fit::distill::{Teacher, TEACHER_CACHE_FLOATS};
+}

@@ -1,7 +1,7 @@
 //! The engine behind a policy's host services (`moerge_sdk::policy::HostServices`):
-//! `evaluate` scores a plan on the caller's data, `optimize` fits a template with
-//! [`crate::plan_fit`]. The CLI and the daemon hand it to the plugin host; it runs on the
-//! compute thread the fit was submitted to.
+//! `evaluate` scores a plan on the caller's data, `optimize` fits a template with the `fit`
+//! layer. The CLI and the daemon hand it to the plugin host; it runs on the compute thread
+//! the fit was submitted to.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -9,11 +9,11 @@ use moerge_library::{Adapter, F32Tensor, TensorMap};
 use moerge_sdk::optimize::{split_teacher_tensors, OptimizeOptions, RouterInit as SdkRouterInit};
 use moerge_sdk::policy::{Fitted, HostServices, Record, ServiceError, Split, TensorData};
 
-use crate::distill::Teacher;
-use crate::model::BaseModel;
-use crate::plan_fit::{self, PlanFitOptions, RouterInit};
-use crate::tokenizer::TextTokenizer;
-use crate::trainer::Example;
+use crate::fit::distill::Teacher;
+use crate::fit::plan_fit::{self, PlanFitOptions, RouterInit};
+use crate::models::BaseModel;
+use crate::run::examples::{tokenize_records, Example};
+use crate::run::TextTokenizer;
 
 /// Where progress reports go: a fraction in `[0, 1]` and a message.
 type ProgressSink<'a> = Box<dyn Fn(f64, &str) + Send + Sync + 'a>;
@@ -28,37 +28,32 @@ pub struct EngineServices<'a> {
     cancelled: &'a AtomicBool,
 }
 
+/// What a fit's host services run on: the base, the fit's experts, and the records it may
+/// train and validate on (tokenized once, when the services are built).
+pub struct ServicesInput<'a> {
+    pub base: &'a BaseModel,
+    pub experts: &'a [Adapter],
+    pub tokenizer: &'a TextTokenizer,
+    pub train: &'a [Record],
+    pub valid: &'a [Record],
+    /// Setting it stops a running optimisation at its next step.
+    pub cancelled: &'a AtomicBool,
+}
+
 impl<'a> EngineServices<'a> {
     /// Tokenizes the records once; `progress` receives the policy's reports and the
-    /// optimiser's steps; setting `cancelled` stops a running optimisation at its next step.
+    /// optimiser's steps.
     pub fn new(
-        base: &'a BaseModel,
-        experts: &'a [Adapter],
-        tokenizer: &TextTokenizer,
-        train: &[Record],
-        valid: &[Record],
+        input: ServicesInput<'a>,
         progress: impl Fn(f64, &str) + Send + Sync + 'a,
-        cancelled: &'a AtomicBool,
     ) -> crate::Result<EngineServices<'a>> {
-        let tokenize = |records: &[Record]| -> crate::Result<Vec<Example>> {
-            records
-                .iter()
-                .map(|r| {
-                    Ok(Example {
-                        task: r.task.clone(),
-                        prompt: tokenizer.encode(&r.prompt)?,
-                        completion: tokenizer.encode(&r.completion)?,
-                    })
-                })
-                .collect()
-        };
         Ok(EngineServices {
-            base,
-            experts,
-            train: tokenize(train)?,
-            valid: tokenize(valid)?,
+            base: input.base,
+            experts: input.experts,
+            train: tokenize_records(input.train, input.tokenizer)?,
+            valid: tokenize_records(input.valid, input.tokenizer)?,
             progress: Box::new(progress),
-            cancelled,
+            cancelled: input.cancelled,
         })
     }
 
@@ -216,5 +211,88 @@ impl HostServices for EngineServices<'_> {
 
     fn cancelled(&self) -> bool {
         self.cancelled.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use moerge_sdk::optimize::TEACHER_TENSOR_PREFIX;
+    use moerge_sdk::plan::{MergeSpace, ModulePlan};
+
+    use super::*;
+    use crate::fit::distill::tests::student;
+    use crate::fit::plan_fit::tests::setup;
+
+    #[test]
+    fn the_host_service_keeps_the_teachers_tensors_apart_and_out_of_the_result() {
+        let (base, experts, _) = setup();
+        let tokenizer = TextTokenizer::from_dir(base.info().dir()).unwrap();
+        let records: Vec<Record> = ["abc>ABC", "xy>XY", "hello>HELLO"]
+            .iter()
+            .map(|s| {
+                let (p, c) = s.split_once('>').unwrap();
+                Record {
+                    task: None,
+                    prompt: format!("{p}>"),
+                    completion: format!("{c}\n"),
+                }
+            })
+            .collect();
+        let messages = Mutex::new(Vec::new());
+        let cancelled = AtomicBool::new(false);
+        let input = ServicesInput {
+            base: &base,
+            experts: &experts,
+            tokenizer: &tokenizer,
+            train: &records,
+            valid: &[],
+            cancelled: &cancelled,
+        };
+        let services =
+            EngineServices::new(input, |_, m| messages.lock().unwrap().push(m.to_string()))
+                .unwrap();
+        // The teacher is a fixed plan too, whose factors have the student's tensor names.
+        let (plan, student_tensors) = student(&experts, 2, 0.0, 5);
+        let (teacher_plan, teacher_tensors) = student(&experts, 3, 0.1, 6);
+        let mut template = Fitted {
+            plan,
+            tensors: sdk_tensors(&student_tensors),
+        };
+        for (k, t) in sdk_tensors(&teacher_tensors) {
+            template
+                .tensors
+                .insert(format!("{TEACHER_TENSOR_PREFIX}{k}"), t);
+        }
+        let options = OptimizeOptions {
+            steps: 3,
+            batch_size: 2,
+            train_fixed: true,
+            teacher: Some(Box::new(teacher_plan.clone())),
+            ..Default::default()
+        };
+        let fitted = services.optimize(&template, &options).unwrap();
+        assert_eq!(fitted.tensors.len(), student_tensors.len());
+        for (name, t) in &fitted.tensors {
+            assert_eq!(t.shape, student_tensors[name].shape, "{name}");
+        }
+        let messages = messages.lock().unwrap();
+        assert!(messages.iter().any(|m| m.contains("KL")), "{messages:?}");
+        // A teacher that is not a valid plan is refused, naming it.
+        let mut broken = teacher_plan;
+        broken.default = ModulePlan::one_hot(0, 2, MergeSpace::Exact);
+        let options = OptimizeOptions {
+            teacher: Some(Box::new(broken)),
+            ..options
+        };
+        let err = services
+            .optimize(&template, &options)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("teacher") && err.contains("default.static.weights"),
+            "{err}"
+        );
     }
 }

@@ -49,16 +49,9 @@ fn prototypes_equal_the_dense_svd() {
 
 fn arrow_plan(experts: &[Adapter], top_k: usize) -> moerge_sdk::plan::Plan {
     use moerge_sdk::plan::*;
-    Plan {
-        version: PLAN_VERSION,
-        experts: experts
-            .iter()
-            .map(|e| ExpertRef {
-                name: e.name().into(),
-                hash: e.hash().to_string(),
-            })
-            .collect(),
-        default: ModulePlan::Routed {
+    common::plan_of(
+        experts,
+        ModulePlan::Routed {
             router: Router::Arrow,
             top_k,
             temperature: 1.0,
@@ -66,10 +59,7 @@ fn arrow_plan(experts: &[Adapter], top_k: usize) -> moerge_sdk::plan::Plan {
             groups: Vec::new(),
             mix: Default::default(),
         },
-        modules: Default::default(),
-        ensemble: None,
-        tensors: None,
-    }
+    )
 }
 
 #[test]
@@ -125,8 +115,7 @@ fn arrow_routing_weights_equal_peft_per_token_and_module() {
             "logits",
         );
         for (i, (ids, _)) in sequences.iter().enumerate() {
-            let (logits, records) = routing::trace(|| inference::logits(&model, ids));
-            logits.unwrap();
+            let (_, records) = routing::trace(&model, ids).unwrap();
             assert_eq!(
                 records.len(),
                 experts[0].modules().len(),
@@ -149,7 +138,8 @@ fn arrow_routing_weights_equal_peft_per_token_and_module() {
             }
         }
         // Outside a trace nothing is recorded (and nothing is kept).
-        let (_, none) = routing::trace(|| ());
-        assert!(none.is_empty());
+        let mut untraced = moerge_engine::ForwardState::new();
+        inference::logits_in(&model, &sequences[0].0, &mut untraced).unwrap();
+        assert!(untraced.take_trace().is_empty());
     }
 }

@@ -4,7 +4,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor, D};
-use common::{fixtures, max_abs_diff};
+use common::{fixtures, max_abs_diff, plan_of};
 use moerge_engine::{inference, BaseModel, FusedModel, LanguageModel, Precision};
 use moerge_library::Adapter;
 use moerge_sdk::plan::*;
@@ -14,16 +14,6 @@ const NAMES: [&str; 5] = ["swapcase", "rot13", "twice", "length", "minus"];
 fn ensemble_plan(experts: &[Adapter], weights: &[f64], level: EnsembleLevel) -> Plan {
     let n = experts.len();
     Plan {
-        version: PLAN_VERSION,
-        experts: experts
-            .iter()
-            .map(|e| ExpertRef {
-                name: e.name().into(),
-                hash: e.hash().to_string(),
-            })
-            .collect(),
-        default: ModulePlan::None,
-        modules: Default::default(),
         ensemble: Some(Ensemble {
             level,
             // Member i is expert i alone: a one-hot exact merge is the adapter itself.
@@ -39,7 +29,7 @@ fn ensemble_plan(experts: &[Adapter], weights: &[f64], level: EnsembleLevel) -> 
                 })
                 .collect(),
         }),
-        tensors: None,
+        ..plan_of(experts, ModulePlan::None)
     }
 }
 
@@ -108,7 +98,7 @@ fn weighted_ensembles_equal_members_run_one_at_a_time() {
         .unwrap();
     assert!(max_abs_diff(&inference::logits(&model, &ids).unwrap(), &want) < 1e-4);
     // Cached generation through an ensemble: every member keeps its own cache.
-    let mut cache = moerge_engine::KvCache::new();
+    let mut cache = moerge_engine::ForwardState::new();
     let first = Tensor::new(&ids[..4], &Device::Cpu)
         .unwrap()
         .unsqueeze(0)
@@ -163,7 +153,7 @@ fn stacked_members_equal_members_run_one_after_another() {
     let ids = Tensor::new(&[[72u32, 101, 76, 76], [5, 99, 31, 200]], &Device::Cpu).unwrap();
     let next = Tensor::new(&[[111u32], [62]], &Device::Cpu).unwrap();
     let run = |m: &moerge_engine::EnsembleModel| {
-        let mut cache = moerge_engine::KvCache::new();
+        let mut cache = moerge_engine::ForwardState::new();
         let a = m.forward(&ids, &mut cache).unwrap();
         let b = m.forward_last(&next, &mut cache).unwrap();
         (a, b)

@@ -4,9 +4,9 @@
 
 mod common;
 
-use candle_core::{Device, Module, Tensor};
+use candle_core::{Device, Tensor};
 use common::*;
-use moerge_engine::{BaseModel, Precision};
+use moerge_engine::{BaseModel, ForwardState, Precision};
 use moerge_library::Adapter;
 
 /// `y[n][o] = Σ_i W[o][i] x[n][i] + b[o] + s Σ_r B[o][r] Σ_i A[r][i] x[n][i]`, in f64.
@@ -60,7 +60,7 @@ fn check(model: &BaseModel, adapter: &Adapter, module: &str, expected_scale: f64
     let (out, inp) = layer.shape();
     let mut w = Weights::new(11);
     let x = Tensor::from_vec(w.values(5 * inp, 0.0, 1.0), (5, inp), &Device::Cpu).unwrap();
-    let got = rows(&layer.forward(&x).unwrap());
+    let got = rows(&layer.forward(&x, &mut ForwardState::new()).unwrap());
     let a: Vec<Vec<f32>> = adapter
         .tensor_f32(&lora.a)
         .chunks(inp)

@@ -4,11 +4,11 @@
 
 mod common;
 
-use candle_core::{Device, Module, Tensor};
+use candle_core::{Device, Tensor};
 use common::*;
-use moerge_engine::{inference, merge, BaseModel, Precision};
+use moerge_engine::{inference, merge, BaseModel, ForwardState, Precision};
 use moerge_library::Adapter;
-use moerge_sdk::plan::{ExpertRef, MergeSpace, ModulePlan, Plan, PLAN_VERSION};
+use moerge_sdk::plan::{MergeSpace, ModulePlan, Plan};
 
 /// PEFT's order in the fixture merges.
 const ORDER: [&str; 5] = ["swapcase", "rot13", "twice", "length", "minus"];
@@ -22,24 +22,14 @@ fn experts(base: &str) -> Vec<Adapter> {
 }
 
 fn plan(experts: &[Adapter], weights: Vec<f64>, space: MergeSpace) -> Plan {
-    Plan {
-        version: PLAN_VERSION,
-        experts: experts
-            .iter()
-            .map(|e| ExpertRef {
-                name: e.name().into(),
-                hash: e.hash().to_string(),
-            })
-            .collect(),
-        default: ModulePlan::Static {
+    plan_of(
+        experts,
+        ModulePlan::Static {
             weights,
             space,
             svd_rank: None,
         },
-        modules: Default::default(),
-        ensemble: None,
-        tensors: None,
-    }
+    )
 }
 
 fn check_against_peft(base_name: &str, file: &str, weights: Vec<f64>, space: MergeSpace) {
@@ -201,8 +191,9 @@ fn merged_deltas_match_plain_loops_including_negative_weights() {
             )
             .unwrap();
         let merged = model.linear(module).unwrap();
-        let got = (merged.forward(&xt).unwrap()
-            - base.linear(module).unwrap().forward(&xt).unwrap())
+        let state = &mut ForwardState::new();
+        let got = (merged.forward(&xt, state).unwrap()
+            - base.linear(module).unwrap().forward(&xt, state).unwrap())
         .unwrap();
         let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let want = delta_by_hand(&experts, module, &weights, space, &x);

@@ -190,7 +190,7 @@ fn incremental_decoding_matches_a_full_forward() {
     for dir in [phi, llama] {
         let model = BaseModel::load_dir(&dir, Precision::F32).unwrap();
         let full = inference::logits(&model, &IDS).unwrap();
-        let mut cache = moerge_engine::KvCache::new();
+        let mut cache = moerge_engine::ForwardState::new();
         // A 5-token prefill, then single tokens.
         let first = Tensor::new(&IDS[..5], &Device::Cpu)
             .unwrap()

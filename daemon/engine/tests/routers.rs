@@ -8,11 +8,11 @@ mod common;
 
 use candle_core::{Device, Tensor};
 use common::*;
-use moerge_engine::{inference, routing, BaseModel, KvCache, LanguageModel, Precision};
+use moerge_engine::{inference, routing, BaseModel, ForwardState, LanguageModel, Precision};
 use moerge_library::{Adapter, F32Tensor, TensorMap};
 use moerge_sdk::plan::{
-    fixed_a_name, fixed_b_name, router_bias_name, router_weight_name, ExpertRef, Granularity,
-    Group, MergeSpace, Mix, ModulePlan, Plan, Router, PLAN_VERSION,
+    fixed_a_name, fixed_b_name, router_bias_name, router_weight_name, Granularity, Group,
+    MergeSpace, Mix, ModulePlan, Plan, Router,
 };
 
 const ORDER: [&str; 3] = ["swapcase", "rot13", "twice"];
@@ -30,18 +30,8 @@ fn setup() -> (BaseModel, Vec<Adapter>) {
 
 fn plan(experts: &[Adapter], default: ModulePlan, tensors: bool) -> Plan {
     Plan {
-        version: PLAN_VERSION,
-        experts: experts
-            .iter()
-            .map(|e| ExpertRef {
-                name: e.name().into(),
-                hash: e.hash().to_string(),
-            })
-            .collect(),
-        default,
-        modules: Default::default(),
-        ensemble: None,
         tensors: tensors.then(|| FAKE_HASH.to_string()),
+        ..plan_of(experts, default)
     }
 }
 
@@ -143,7 +133,7 @@ fn a_constant_routing_equals_the_static_merge_of_its_weights() {
     let diff = max_abs_diff(&logits(&got), &logits(&want));
     assert!(diff <= TOL, "groups: max |diff| {diff}");
     // The trace names the groups.
-    let (_, records) = routing::trace(|| logits(&got));
+    let (_, records) = routing::trace(&got, &IDS).unwrap();
     assert_eq!(
         records[0].units,
         vec!["first".to_string(), "mix".to_string()]
@@ -279,7 +269,7 @@ fn learned_router_weights_equal_plain_loop_scores_per_token_and_per_sequence() {
             true,
         );
         let model = base.fuse_with(&p, &experts, &tensors).unwrap();
-        let (_, records) = routing::trace(|| logits(&model));
+        let (_, records) = routing::trace(&model, &IDS).unwrap();
         let record = records.iter().find(|r| r.module == module).unwrap();
         let got = record.weights.to_vec2::<f32>().unwrap();
         for (t, row) in got.iter().enumerate() {
@@ -323,7 +313,7 @@ fn sequence_routing_decodes_token_by_token_as_it_scores_the_whole_text() {
         let model = base.fuse_with(&p, &experts, &tensors).unwrap();
         let whole = logits(&model);
         let token_ids = IDS;
-        let mut cache = KvCache::new();
+        let mut cache = ForwardState::new();
         // Prompt of 3 in one step, then one token at a time.
         let mut rows = Vec::new();
         let first = Tensor::new(&token_ids[..3], &Device::Cpu)

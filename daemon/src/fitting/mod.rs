@@ -9,7 +9,7 @@ mod data;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use moerge_engine::services::EngineServices;
+use moerge_engine::services::{EngineServices, ServicesInput};
 use moerge_library::Adapter;
 use moerge_policy_host::{
     records_from_library, standard_folders, ExpertInput, FitError, FitRequest as HostRequest,
@@ -155,20 +155,20 @@ impl PolicyRunner for PluginRunner {
         );
         let cancelled = AtomicBool::new(reporter.is_cancelled());
         let engine = &request.engine;
-        let services = EngineServices::new(
-            &engine.base,
-            &adapters,
-            &engine.tokenizer,
-            &train,
-            &valid,
-            |fraction, message| {
-                reporter.progress(fraction, message);
-                if reporter.is_cancelled() {
-                    cancelled.store(true, Ordering::SeqCst);
-                }
-            },
-            &cancelled,
-        )
+        let input = ServicesInput {
+            base: &engine.base,
+            experts: &adapters,
+            tokenizer: &engine.tokenizer,
+            train: &train,
+            valid: &valid,
+            cancelled: &cancelled,
+        };
+        let services = EngineServices::new(input, |fraction, message| {
+            reporter.progress(fraction, message);
+            if reporter.is_cancelled() {
+                cancelled.store(true, Ordering::SeqCst);
+            }
+        })
         .map_err(|e| invalid("data", e.to_string()))?;
         let inputs: Vec<ExpertInput<'_>> = adapters
             .iter()

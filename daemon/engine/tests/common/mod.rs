@@ -7,8 +7,29 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
+use moerge_library::Adapter;
+use moerge_sdk::plan::{ExpertRef, ModulePlan, Plan, PLAN_VERSION};
 use rand::{Rng, SeedableRng};
 use serde_json::json;
+
+/// A single-pass plan over `experts` (in order, by name and hash) with `default` for every
+/// module; tests change the fields they need.
+pub fn plan_of(experts: &[Adapter], default: ModulePlan) -> Plan {
+    Plan {
+        version: PLAN_VERSION,
+        experts: experts
+            .iter()
+            .map(|e| ExpertRef {
+                name: e.name().into(),
+                hash: e.hash().to_string(),
+            })
+            .collect(),
+        default,
+        modules: Default::default(),
+        ensemble: None,
+        tensors: None,
+    }
+}
 
 /// The shared read-only fixtures (written by transformers + PEFT).
 pub fn fixtures() -> PathBuf {

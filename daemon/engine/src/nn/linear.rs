@@ -5,26 +5,58 @@
 //! wrong). We store `scale · B` once when an adapter is attached, which is the same
 //! product with the scale still outside `A x`, and saves one op per call.
 
-use candle_core::{DType, Module, Tensor, Var};
+use std::sync::Arc;
 
-use crate::error::Result;
+use candle_core::{DType, Tensor, Var};
+
+use super::state::ForwardState;
+use crate::error::{EngineError, Result};
+
+/// A low-rank update `Δ(x)` added to a linear layer's output: what a routed module (the
+/// `plan` layer) or a plan being fitted (the `fit` layer) attaches to a layer.
+pub(crate) trait LowRankUpdate: std::fmt::Debug + Send + Sync {
+    /// The update `[n, out]` for `input`'s rows, reading and updating the request's `state`.
+    fn delta(&self, input: &UpdateInput<'_>, state: &mut ForwardState) -> Result<Tensor>;
+}
+
+/// The rows a [`LowRankUpdate`] sees.
+pub(crate) struct UpdateInput<'a> {
+    /// `[n, in]`.
+    pub x: &'a Tensor,
+    /// The leading dims the `n` rows came from (`[b, t]` for a batch of sequences).
+    pub lead: &'a [usize],
+    /// The layer's module path (`#j` appended for member `j` of a stacked ensemble): the key
+    /// of the request state the update keeps and of the records it traces.
+    pub key: &'a str,
+}
+
+impl UpdateInput<'_> {
+    /// Sequences in the batch and positions per sequence.
+    pub(crate) fn sequences(&self) -> Result<(usize, usize)> {
+        let n = self.x.dim(0)?;
+        let b = if self.lead.len() >= 2 {
+            self.lead[0]
+        } else {
+            1
+        };
+        Ok((b, n / b.max(1)))
+    }
+}
 
 /// One low-rank update attached to a linear layer.
 #[derive(Debug, Clone)]
-enum LoraPath {
+enum Update {
     /// Serving: prepared once. `a_t` is `Aᵀ` `[in, r]`, `scaled_b_t` is `(scale · B)ᵀ`
     /// `[r, out]`, both contiguous in the model's compute dtype.
     Frozen { a_t: Tensor, scaled_b_t: Tensor },
-    /// Routing: per-token weights over several experts' stacked factors.
-    Routed(Box<crate::routing::RoutedModule>),
-    /// Fitting a plan: merge weights, group weights or router matrices are variables.
-    Fitting(Box<crate::plan_fit::FitModule>),
+    /// Routed modules, plans being fitted: computed by a higher layer.
+    Computed(Arc<dyn LowRankUpdate>),
     /// A stacked ensemble: the batch holds one block of rows per member (in member order) and
     /// each block gets its member's update; the base matmul runs once for all of them.
-    Members(Vec<Option<LoraPath>>),
+    Members(Vec<Option<Update>>),
     /// Training: the factors are variables the optimiser updates in place, so every forward
     /// reads them afresh (a prepared copy would go stale after the first step).
-    Trainable { a: Var, b: Var, scale: f64 },
+    Variables { a: Var, b: Var, scale: f64 },
 }
 
 /// A linear layer of a base model that can carry a LoRA update.
@@ -35,7 +67,7 @@ pub struct AdapterLinear {
     /// `[out, in]`, as stored in the checkpoint.
     weight: Tensor,
     bias: Option<Tensor>,
-    lora: Option<LoraPath>,
+    lora: Option<Update>,
 }
 
 impl AdapterLinear {
@@ -100,7 +132,7 @@ impl AdapterLinear {
         let (r, a_in) = a.dims2()?;
         let (b_out, b_r) = b.dims2()?;
         if a_in != inp || b_out != out || b_r != r {
-            return Err(crate::EngineError::InvalidArgument {
+            return Err(EngineError::InvalidArgument {
                 argument: "lora factors",
                 message: format!(
                     "module {}: A is [{r}, {a_in}] and B is [{b_out}, {b_r}], \
@@ -111,7 +143,7 @@ impl AdapterLinear {
         }
         // Scale in f32 before any narrowing so a bf16 model rounds once, not twice.
         let scaled_b = (b.to_dtype(DType::F32)? * scale)?.to_dtype(dtype)?;
-        self.lora = Some(LoraPath::Frozen {
+        self.lora = Some(Update::Frozen {
             a_t: a.to_dtype(dtype)?.t()?.contiguous()?,
             scaled_b_t: scaled_b.t()?.contiguous()?,
         });
@@ -121,27 +153,23 @@ impl AdapterLinear {
     /// Attaches trainable factors `a` `[r, in]` and `b` `[out, r]` (f32 variables): the
     /// layer then computes `W x + b + scale · B (A x)` with gradients flowing to `a` and `b`.
     pub(crate) fn set_trainable_lora(&mut self, a: Var, b: Var, scale: f64) {
-        self.lora = Some(LoraPath::Trainable { a, b, scale });
+        self.lora = Some(Update::Variables { a, b, scale });
     }
 
-    /// Serves this module routed over several experts (replaces any update attached).
-    pub(crate) fn set_routed(&mut self, routed: crate::routing::RoutedModule) {
-        self.lora = Some(LoraPath::Routed(Box::new(routed)));
-    }
-
-    /// Serves this module from a plan's trainable parameters (replaces any update attached).
-    pub(crate) fn set_fitting(&mut self, module: crate::plan_fit::FitModule) {
-        self.lora = Some(LoraPath::Fitting(Box::new(module)));
+    /// Serves this module with an update a higher layer computes (a routed module, a plan
+    /// being fitted); replaces any update attached.
+    pub(crate) fn set_update(&mut self, update: Arc<dyn LowRankUpdate>) {
+        self.lora = Some(Update::Computed(update));
     }
 
     /// Serves a stacked ensemble: this layer of every member, whose base weights must be this
     /// layer's (no folded merges), gives its update to its block of rows.
     pub(crate) fn set_members(&mut self, members: &[&AdapterLinear]) {
-        let paths: Vec<Option<LoraPath>> = members.iter().map(|m| m.lora.clone()).collect();
-        self.lora = paths
+        let updates: Vec<Option<Update>> = members.iter().map(|m| m.lora.clone()).collect();
+        self.lora = updates
             .iter()
             .any(Option::is_some)
-            .then_some(LoraPath::Members(paths));
+            .then_some(Update::Members(updates));
     }
 
     /// Adds `delta` `[out, in]` into the base weight itself (a folded merge): the layer then
@@ -175,49 +203,53 @@ impl AdapterLinear {
     }
 }
 
-impl Module for AdapterLinear {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+impl AdapterLinear {
+    /// `x Wᵀ + b` plus the attached update, for `x` `[..., in]`, within the request `state`.
+    pub fn forward(&self, x: &Tensor, state: &mut ForwardState) -> Result<Tensor> {
         let (x2, lead) = flatten(x)?;
         let mut y = self.base_2d(&x2)?;
-        if let Some(path) = &self.lora {
-            if let Some(delta) = lora_delta(path, &self.name, self.shape().0, &x2, &lead)? {
+        if let Some(update) = &self.lora {
+            state.count_call();
+            let input = UpdateInput {
+                x: &x2,
+                lead: &lead,
+                key: &self.name,
+            };
+            if let Some(delta) = update_delta(update, self.shape().0, &input, state)? {
                 y = (y + delta)?;
             }
         }
-        unflatten(y, &lead)
+        Ok(unflatten(y, &lead)?)
     }
 }
 
-fn engine_error(e: crate::EngineError) -> candle_core::Error {
-    candle_core::Error::Msg(e.to_string())
-}
-
-/// The low-rank update of `path` for inputs `x2` `[n, in]` (leading dims `lead`).
-fn lora_delta(
-    path: &LoraPath,
-    name: &str,
+/// The update of `update` for `input`'s rows (`None`: nothing to add).
+fn update_delta(
+    update: &Update,
     out: usize,
-    x2: &Tensor,
-    lead: &[usize],
-) -> candle_core::Result<Option<Tensor>> {
-    Ok(Some(match path {
-        LoraPath::Frozen { a_t, scaled_b_t } => x2.matmul(a_t)?.matmul(scaled_b_t)?,
-        LoraPath::Routed(r) => r.delta(name, x2, lead).map_err(engine_error)?,
-        LoraPath::Fitting(m) => m.delta(x2, lead).map_err(engine_error)?,
-        LoraPath::Trainable { a, b, scale } => (x2.matmul(&a.t()?)?.matmul(&b.t()?)? * *scale)?,
-        LoraPath::Members(paths) => return members_delta(paths, name, out, x2, lead),
+    input: &UpdateInput<'_>,
+    state: &mut ForwardState,
+) -> Result<Option<Tensor>> {
+    let x2 = input.x;
+    Ok(Some(match update {
+        Update::Frozen { a_t, scaled_b_t } => x2.matmul(a_t)?.matmul(scaled_b_t)?,
+        Update::Computed(u) => u.delta(input, state)?,
+        Update::Variables { a, b, scale } => (x2.matmul(&a.t()?)?.matmul(&b.t()?)? * *scale)?,
+        Update::Members(updates) => return members_delta(updates, out, input, state),
     }))
 }
 
 /// Each member's update on its own block of rows, stacked back in order.
 fn members_delta(
-    paths: &[Option<LoraPath>],
-    name: &str,
+    updates: &[Option<Update>],
     out: usize,
-    x2: &Tensor,
-    lead: &[usize],
-) -> candle_core::Result<Option<Tensor>> {
-    let (first, count) = crate::fused::member_part().unwrap_or((0, paths.len()));
+    input: &UpdateInput<'_>,
+    state: &mut ForwardState,
+) -> Result<Option<Tensor>> {
+    let (first, count) = state
+        .member_part()
+        .map_or((0, updates.len()), |p| (p.first, p.count));
+    let (x2, lead) = (input.x, input.lead);
     let rows = lead.first().copied().unwrap_or(1);
     let block = rows / count.max(1);
     let per_row = x2.dim(0)? / rows.max(1);
@@ -227,16 +259,21 @@ fn members_delta(
     }
     let mut parts = Vec::with_capacity(count);
     for j in 0..count {
+        let member = first + j;
         let xj = x2.narrow(0, j * block * per_row, block * per_row)?;
-        let delta = match &paths[first + j] {
+        let delta = match &updates[member] {
             // Members keep apart the routing state and traces of the same module.
-            Some(path) => lora_delta(
-                path,
-                &format!("{name}#{}", first + j),
-                out,
-                &xj,
-                &block_lead,
-            )?,
+            Some(update) => {
+                let key = format!("{}#{member}", input.key);
+                let member_input = UpdateInput {
+                    x: &xj,
+                    lead: &block_lead,
+                    key: &key,
+                };
+                state.as_member(member, |state| {
+                    update_delta(update, out, &member_input, state)
+                })?
+            }
             None => None,
         };
         let delta = match delta {

@@ -13,10 +13,9 @@ use candle_nn::{Embedding, VarBuilder};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::adapter_linear::AdapterLinear;
-use crate::config;
+use super::config;
 use crate::error::{EngineError, Result};
-use crate::layers::{Heads, KvCache, Norm, RotaryTables, SelfAttention};
+use crate::nn::{AdapterLinear, ForwardState, Heads, Norm, RotaryTables, SelfAttention};
 
 /// The fields of a Llama-style `config.json` this implementation reads.
 #[derive(Debug, Clone, Deserialize)]
@@ -141,16 +140,15 @@ impl Llama {
     }
 
     /// Hidden states after the final norm, `[b, t, hidden]`.
-    pub fn forward_hidden(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+    pub fn forward_hidden(&self, ids: &Tensor, state: &mut ForwardState) -> Result<Tensor> {
         let mut x = self.embed_tokens.forward(ids)?;
         for (idx, layer) in self.layers.iter().enumerate() {
             let normed = layer.input_layernorm.forward(&x)?;
-            x = (&x + layer.self_attn.forward(&normed, &self.rotary, cache, idx)?)?;
+            x = (&x + layer.self_attn.forward(&normed, &self.rotary, state, idx)?)?;
             let normed = layer.post_attention_layernorm.forward(&x)?;
-            let gate = candle_nn::ops::silu(&layer.gate_proj.forward(&normed)?)?;
-            let mlp = layer
-                .down_proj
-                .forward(&(gate * layer.up_proj.forward(&normed)?)?)?;
+            let gate = candle_nn::ops::silu(&layer.gate_proj.forward(&normed, state)?)?;
+            let up = layer.up_proj.forward(&normed, state)?;
+            let mlp = layer.down_proj.forward(&(gate * up)?, state)?;
             x = (x + mlp)?;
         }
         self.norm.forward(&x)

@@ -4,39 +4,12 @@
 
 use candle_core::{Device, Tensor, D};
 use moerge_library::{Adapter, TensorMap};
-use moerge_sdk::plan::{EnsembleLevel, Plan};
+use moerge_sdk::plan::{EnsembleLevel, MergeSpace, ModulePlan, Plan};
 
-use crate::error::Result;
-use crate::layers::KvCache;
-use crate::model::BaseModel;
-
-/// Anything that maps token ids to next-token scores.
-pub trait LanguageModel: Send + Sync {
-    /// Scores `[b, t, vocab]` (f32) for ids `[b, t]` continuing `cache`: logits, or for a
-    /// probability ensemble the log of the mixture probabilities.
-    fn forward(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor>;
-    /// The last position's scores only, `[b, vocab]`.
-    fn forward_last(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor>;
-    /// Size of the output vocabulary.
-    fn vocab_size(&self) -> usize;
-    /// Where tensors live.
-    fn device(&self) -> &Device;
-}
-
-impl LanguageModel for BaseModel {
-    fn forward(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        BaseModel::forward(self, ids, cache)
-    }
-    fn forward_last(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        BaseModel::forward_last(self, ids, cache)
-    }
-    fn vocab_size(&self) -> usize {
-        BaseModel::vocab_size(self)
-    }
-    fn device(&self) -> &Device {
-        BaseModel::device(self)
-    }
-}
+use super::{merge, routing};
+use crate::error::{EngineError, Result};
+use crate::models::{BaseModel, LanguageModel};
+use crate::nn::{threads, AdapterLinear, ForwardState};
 
 /// Several single-pass models mixed at the output.
 #[derive(Clone)]
@@ -49,24 +22,12 @@ pub struct EnsembleModel {
     stacked: Option<BaseModel>,
 }
 
-thread_local! {
-    /// While a stacked ensemble runs a part of its batch on this thread: its first member
-    /// and how many members (row blocks) the part holds.
-    static MEMBER_PART: std::cell::Cell<Option<(usize, usize)>> = const { std::cell::Cell::new(None) };
-}
-
-/// The member blocks of the stacked forward running on this thread, if any.
-pub(crate) fn member_part() -> Option<(usize, usize)> {
-    MEMBER_PART.with(std::cell::Cell::get)
-}
-
 /// One model whose every adapted layer serves each member's update on that member's rows.
 fn stack_members(members: &[(f64, BaseModel)]) -> BaseModel {
     let mut stacked = members[0].1.clone();
-    let layers: Vec<Vec<&crate::AdapterLinear>> =
-        members.iter().map(|(_, m)| m.linears()).collect();
+    let layers: Vec<Vec<&AdapterLinear>> = members.iter().map(|(_, m)| m.linears()).collect();
     for (i, layer) in stacked.linears_mut().into_iter().enumerate() {
-        let same: Vec<&crate::AdapterLinear> = layers.iter().map(|l| l[i]).collect();
+        let same: Vec<&AdapterLinear> = layers.iter().map(|l| l[i]).collect();
         layer.set_members(&same);
     }
     stacked
@@ -126,51 +87,55 @@ impl EnsembleModel {
         &self,
         stacked: &BaseModel,
         ids: &Tensor,
-        cache: &mut KvCache,
+        state: &mut ForwardState,
         last_only: bool,
     ) -> Result<Vec<Tensor>> {
         let m = self.members.len();
         let b = ids.dim(0)?;
         let repeated = Tensor::cat(&vec![ids; m], 0)?;
-        let out = crate::threads::split_blocks(m, &repeated, cache, |ids, cache, first, count| {
-            MEMBER_PART.with(|p| p.set(Some((first, count))));
-            let out = if last_only {
-                stacked.forward_last_rows(ids, cache)
+        let out = threads::split_blocks(m, &repeated, state, |ids, state| {
+            if last_only {
+                stacked.forward_last_rows(ids, state)
             } else {
-                stacked.forward_rows(ids, cache)
-            };
-            MEMBER_PART.with(|p| p.set(None));
-            out
+                stacked.forward_rows(ids, state)
+            }
         })?;
         (0..m).map(|i| Ok(out.narrow(0, i * b, b)?)).collect()
+    }
+
+    /// Every member's output, stacked or one after another (each with its own state).
+    fn outputs(
+        &self,
+        ids: &Tensor,
+        state: &mut ForwardState,
+        last_only: bool,
+    ) -> Result<Vec<Tensor>> {
+        if let Some(stacked) = &self.stacked {
+            return self.stacked_outputs(stacked, ids, state, last_only);
+        }
+        self.members
+            .iter()
+            .enumerate()
+            .map(|(i, (_, m))| {
+                state.with_member(i, |state| {
+                    if last_only {
+                        m.forward_last(ids, state)
+                    } else {
+                        m.forward(ids, state)
+                    }
+                })
+            })
+            .collect()
     }
 }
 
 impl LanguageModel for EnsembleModel {
-    fn forward(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        if let Some(stacked) = &self.stacked {
-            let outputs = self.stacked_outputs(stacked, ids, cache, false)?;
-            return self.combine(outputs);
-        }
-        let outputs = self
-            .members
-            .iter()
-            .enumerate()
-            .map(|(i, (_, m))| m.forward(ids, cache.member(i)))
-            .collect::<Result<Vec<_>>>()?;
+    fn forward(&self, ids: &Tensor, state: &mut ForwardState) -> Result<Tensor> {
+        let outputs = self.outputs(ids, state, false)?;
         self.combine(outputs)
     }
-    fn forward_last(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        if let Some(stacked) = &self.stacked {
-            let outputs = self.stacked_outputs(stacked, ids, cache, true)?;
-            return self.combine(outputs);
-        }
-        let outputs = self
-            .members
-            .iter()
-            .enumerate()
-            .map(|(i, (_, m))| m.forward_last(ids, cache.member(i)))
-            .collect::<Result<Vec<_>>>()?;
+    fn forward_last(&self, ids: &Tensor, state: &mut ForwardState) -> Result<Tensor> {
+        let outputs = self.outputs(ids, state, true)?;
         self.combine(outputs)
     }
     fn vocab_size(&self) -> usize {
@@ -206,16 +171,16 @@ impl FusedModel {
 }
 
 impl LanguageModel for FusedModel {
-    fn forward(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+    fn forward(&self, ids: &Tensor, state: &mut ForwardState) -> Result<Tensor> {
         match self {
-            FusedModel::Single(m) => m.forward(ids, cache),
-            FusedModel::Ensemble(e) => e.forward(ids, cache),
+            FusedModel::Single(m) => m.forward(ids, state),
+            FusedModel::Ensemble(e) => e.forward(ids, state),
         }
     }
-    fn forward_last(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+    fn forward_last(&self, ids: &Tensor, state: &mut ForwardState) -> Result<Tensor> {
         match self {
-            FusedModel::Single(m) => m.forward_last(ids, cache),
-            FusedModel::Ensemble(e) => e.forward_last(ids, cache),
+            FusedModel::Single(m) => m.forward_last(ids, state),
+            FusedModel::Ensemble(e) => e.forward_last(ids, state),
         }
     }
     fn vocab_size(&self) -> usize {
@@ -250,25 +215,72 @@ impl BaseModel {
             .map(|(w, pass)| Ok((w, self.with_plan(&pass, experts, tensors)?)))
             .collect::<Result<Vec<_>>>()?;
         let level = plan.ensemble.as_ref().map(|e| e.level).unwrap_or_default();
-        let folds = |p: &moerge_sdk::plan::ModulePlan| {
-            matches!(
-                p,
-                moerge_sdk::plan::ModulePlan::Static {
-                    space: moerge_sdk::plan::MergeSpace::Folded,
-                    ..
-                }
-            )
-        };
         let any_fold = plan
             .ensemble
             .iter()
             .flat_map(|e| &e.members)
-            .any(|m| folds(&m.default) || m.modules.values().any(folds));
+            .any(|m| is_folded(&m.default) || m.modules.values().any(is_folded));
         let stacked = (!any_fold).then(|| stack_members(&members));
         Ok(FusedModel::Ensemble(EnsembleModel {
             members,
             level,
             stacked,
         }))
+    }
+}
+
+/// Whether a module plan changes the base weights themselves (a folded merge).
+fn is_folded(p: &ModulePlan) -> bool {
+    matches!(
+        p,
+        ModulePlan::Static {
+            space: MergeSpace::Folded,
+            ..
+        }
+    )
+}
+
+impl BaseModel {
+    /// A copy of this model fused as `plan` says from `experts` (the plan's experts, in its
+    /// order, with the hashes it names) and `tensors` (the plan's tensor file, empty when it
+    /// has none). Low-rank, exact and fixed merges are served as one LoRA path per module;
+    /// folded merges are added into the base weights; routed modules route.
+    pub fn with_plan(
+        &self,
+        plan: &Plan,
+        experts: &[Adapter],
+        tensors: &TensorMap,
+    ) -> Result<BaseModel> {
+        for adapter in experts {
+            self.check_fits(adapter)?;
+        }
+        let device = self.device().clone();
+        let merged = merge::merged_modules(plan, experts, tensors, &device)?;
+        let routed = routing::routed_modules(plan, experts, tensors, &device)?;
+        let mut model = self.clone();
+        let mut by_name = model.linears_by_name_mut();
+        let not_a_layer = |module: &str| EngineError::InvalidArgument {
+            argument: "plan",
+            message: format!("module {module} is not a linear layer of this model"),
+        };
+        for (module, m) in merged {
+            let layer = by_name
+                .get_mut(module.as_str())
+                .ok_or_else(|| not_a_layer(&module))?;
+            match m.space {
+                MergeSpace::Folded => layer.fold_into_weight(&m.b.matmul(&m.a)?)?,
+                _ => layer.set_lora(&m.a, &m.b, 1.0)?,
+            }
+        }
+        for (module, r) in routed {
+            let layer = by_name
+                .get_mut(module.as_str())
+                .ok_or_else(|| not_a_layer(&module))?;
+            layer.set_update(r.into_update());
+        }
+        drop(by_name);
+        let names: Vec<&str> = plan.experts.iter().map(|e| e.name.as_str()).collect();
+        model.set_adapter_name(format!("plan({})", names.join(",")));
+        Ok(model)
     }
 }

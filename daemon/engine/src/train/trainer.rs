@@ -1,25 +1,19 @@
-//! Training with candle autograd: AdamW over a given set of variables (LoRA factors, a whole
-//! base, later a plan's merge weights or routers), everything else frozen. Loss is the mean
-//! NLL of completion tokens, as the paper reports it, unless the caller gives another
-//! ([`train_with_loss`], e.g. distillation's KL). Deterministic for a seed on CPU.
+//! Training with candle autograd: the one optimiser loop (AdamW over a given set of
+//! variables, warm-up then cosine decay, optional clipping and weight decay) for LoRA factors,
+//! a whole base, a plan's merge weights, routers and ensemble weights, everything else frozen.
+//! Loss is the mean NLL of completion tokens, as the paper reports it, unless the caller gives
+//! another ([`train_with_loss`], e.g. distillation's KL or cached ensemble outputs).
+//! Deterministic for a seed on CPU.
 
 use std::ops::ControlFlow;
 
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{Tensor, Var};
 use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
 use rand::{Rng, SeedableRng};
 
 use crate::error::{EngineError, Result};
-use crate::fused::LanguageModel;
-use crate::layers::KvCache;
-
-/// One training or evaluation record, tokenized.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Example {
-    pub task: Option<String>,
-    pub prompt: Vec<u32>,
-    pub completion: Vec<u32>,
-}
+use crate::models::LanguageModel;
+use crate::run::examples::{batch_loss, Example};
 
 /// How to train.
 #[derive(Debug, Clone, PartialEq)]
@@ -147,8 +141,8 @@ pub fn train_with_loss(
     let tail = &losses[losses.len().saturating_sub(10)..];
     Ok(TrainSummary {
         steps: losses.len(),
-        first_loss: losses[0],
-        final_loss: tail.iter().sum::<f32>() / tail.len() as f32,
+        first_loss: losses.first().copied().unwrap_or(f32::NAN),
+        final_loss: tail.iter().sum::<f32>() / tail.len().max(1) as f32,
     })
 }
 
@@ -174,74 +168,4 @@ fn clip_gradients(
         }
     }
     Ok(())
-}
-
-/// Token ids `[b, t]` of prompt + completion (right-padded with 0), and a mask `[b, t - 1]`
-/// that is 1 where position `p` predicts a completion token.
-pub(crate) fn pack(batch: &[&Example]) -> Result<(Tensor, Tensor, Tensor)> {
-    let t = batch
-        .iter()
-        .map(|e| e.prompt.len() + e.completion.len())
-        .max()
-        .unwrap_or(0);
-    if t < 2
-        || batch
-            .iter()
-            .any(|e| e.prompt.is_empty() || e.completion.is_empty())
-    {
-        return Err(EngineError::InvalidArgument {
-            argument: "example",
-            message: "every example needs a non-empty prompt and completion".into(),
-        });
-    }
-    let mut ids = vec![0u32; batch.len() * t];
-    let mut mask = vec![0f32; batch.len() * (t - 1)];
-    for (i, e) in batch.iter().enumerate() {
-        let row = &mut ids[i * t..(i + 1) * t];
-        for (slot, id) in row.iter_mut().zip(e.prompt.iter().chain(&e.completion)) {
-            *slot = *id;
-        }
-        let first = e.prompt.len() - 1;
-        for m in &mut mask[i * (t - 1) + first..i * (t - 1) + first + e.completion.len()] {
-            *m = 1.0;
-        }
-    }
-    let ids = Tensor::from_vec(ids, (batch.len(), t), &Device::Cpu)?;
-    let targets = ids.narrow(1, 1, t - 1)?.contiguous()?;
-    let mask = Tensor::from_vec(mask, (batch.len(), t - 1), &Device::Cpu)?;
-    Ok((ids, targets, mask))
-}
-
-/// Per-token NLL `[b, t - 1]` (masked to completion tokens) and the mask.
-fn masked_nll(model: &impl LanguageModel, batch: &[&Example]) -> Result<(Tensor, Tensor)> {
-    let (ids, targets, mask) = pack(batch)?;
-    let t = ids.dim(1)?;
-    let logits = model
-        .forward(&ids, &mut KvCache::new())?
-        .narrow(1, 0, t - 1)?;
-    let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-    let picked = log_probs.gather(&targets.unsqueeze(2)?, 2)?.squeeze(2)?;
-    Ok(((picked.neg()? * &mask)?, mask))
-}
-
-/// Mean NLL over every completion token of the batch (a scalar with gradients).
-pub fn batch_loss(model: &impl LanguageModel, batch: &[&Example]) -> Result<Tensor> {
-    let (nll, mask) = masked_nll(model, batch)?;
-    Ok((nll.sum_all()? / mask.sum_all()?.to_dtype(DType::F32)?)?)
-}
-
-/// Each example's mean NLL per completion token (the paper's loss), in batches.
-pub fn example_losses(
-    model: &impl LanguageModel,
-    data: &[Example],
-    batch_size: usize,
-) -> Result<Vec<f32>> {
-    let mut out = Vec::with_capacity(data.len());
-    for chunk in data.chunks(batch_size.max(1)) {
-        let refs: Vec<&Example> = chunk.iter().collect();
-        let (nll, mask) = masked_nll(model, &refs)?;
-        let per_row = (nll.sum(1)? / mask.sum(1)?)?;
-        out.extend(per_row.to_vec1::<f32>()?);
-    }
-    Ok(out)
 }

@@ -6,13 +6,22 @@ use candle_core::{DType, Tensor, D};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 
 use crate::error::{EngineError, Result};
-use crate::fused::LanguageModel;
-use crate::layers::KvCache;
+use crate::models::LanguageModel;
+use crate::nn::ForwardState;
 
 /// Logits `[t, vocab]` of one sequence (batch 1, no padding), one forward pass.
 pub fn logits(model: &impl LanguageModel, ids: &[u32]) -> Result<Tensor> {
+    logits_in(model, ids, &mut ForwardState::new())
+}
+
+/// [`logits`] within a request `state` the caller keeps (to trace it, say).
+pub fn logits_in(
+    model: &impl LanguageModel,
+    ids: &[u32],
+    state: &mut ForwardState,
+) -> Result<Tensor> {
     let input = ids_tensor(model, ids, "text")?;
-    Ok(model.forward(&input, &mut KvCache::new())?.squeeze(0)?)
+    Ok(model.forward(&input, state)?.squeeze(0)?)
 }
 
 /// The negative log-likelihood of each completion token given everything before it.
@@ -71,7 +80,7 @@ pub fn score(
 pub fn top_tokens(model: &impl LanguageModel, ids: &[u32], k: usize) -> Result<Vec<(u32, f32)>> {
     let input = ids_tensor(model, ids, "prompt")?;
     let last = model
-        .forward_last(&input, &mut KvCache::new())?
+        .forward_last(&input, &mut ForwardState::new())?
         .squeeze(0)?;
     let probs = candle_nn::ops::softmax_last_dim(&last)?.to_vec1::<f32>()?;
     let mut ranked: Vec<(u32, f32)> = probs
@@ -148,11 +157,11 @@ pub fn generate(
         }
     };
     let mut sampler = LogitsProcessor::from_sampling(opts.seed, sampling);
-    let mut cache = KvCache::new();
+    let mut state = ForwardState::new();
     let mut out = Vec::new();
     let mut next_input = ids_tensor(model, prompt_ids, "prompt")?;
     while out.len() < opts.max_tokens {
-        let last = model.forward_last(&next_input, &mut cache)?.squeeze(0)?;
+        let last = model.forward_last(&next_input, &mut state)?.squeeze(0)?;
         let id = sampler.sample(&last)?;
         if opts.stop_ids.contains(&id) {
             break;

@@ -7,11 +7,12 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
-use moerge_library::{BaseModelInfo, ContentHash, NewAdapter, NewModule};
+use moerge_library::{BaseModelInfo, ContentHash, NewAdapter};
 use rand::{Rng, SeedableRng};
 
 use crate::error::{EngineError, Result};
-use crate::model::{BaseModel, Family, Precision};
+use crate::models::{BaseModel, Family, Precision};
+use crate::plan::export::write_factors;
 
 /// Shape of the LoRA to train.
 #[derive(Debug, Clone, PartialEq)]
@@ -72,43 +73,6 @@ impl TrainableLora {
     }
 }
 
-/// Writes `(module, A [r, in], B [out, r])` factors under the settings of `header` (whose
-/// `modules` are ignored) as a PEFT adapter folder, atomically; returns its content hash.
-pub(crate) fn write_factors(
-    dir: &Path,
-    header: NewAdapter<'_>,
-    factors: &[(String, Tensor, Tensor)],
-) -> Result<ContentHash> {
-    let values = factors
-        .iter()
-        .map(|(m, a, b)| {
-            let (r, inp) = a.dims2()?;
-            let out = b.dim(0)?;
-            let a = a.flatten_all()?.to_vec1::<f32>()?;
-            let b = b.flatten_all()?.to_vec1::<f32>()?;
-            Ok((m.clone(), r, inp, out, a, b))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let adapter = NewAdapter {
-        modules: values
-            .iter()
-            .map(|(module, rank, inp, out, a, b)| NewModule {
-                module: module.clone(),
-                rank: *rank,
-                in_features: *inp,
-                out_features: *out,
-                a,
-                b,
-            })
-            .collect(),
-        ..header
-    };
-    moerge_library::write_adapter(dir, &adapter).map_err(|e| EngineError::InvalidArgument {
-        argument: "out",
-        message: e.to_string(),
-    })
-}
-
 impl BaseModel {
     /// A copy of this model with fresh trainable LoRA factors on every linear layer whose name
     /// ends in one of `spec.targets` (PEFT's list rule); base weights stay frozen. A is drawn
@@ -121,6 +85,7 @@ impl BaseModel {
             });
         }
         let mut model = self.clone();
+        let device = self.device().clone();
         let mut rng = rand::rngs::StdRng::seed_from_u64(spec.seed);
         let mut modules = Vec::new();
         let scale = spec.scale();
@@ -138,8 +103,8 @@ impl BaseModel {
             let a: Vec<f32> = (0..spec.rank * inp)
                 .map(|_| rng.random_range(-bound..bound))
                 .collect();
-            let a = Var::from_tensor(&Tensor::from_vec(a, (spec.rank, inp), &Device::Cpu)?)?;
-            let b = Var::zeros((out, spec.rank), DType::F32, &Device::Cpu)?;
+            let a = Var::from_tensor(&Tensor::from_vec(a, (spec.rank, inp), &device)?)?;
+            let b = Var::zeros((out, spec.rank), DType::F32, &device)?;
             layer.set_trainable_lora(a.clone(), b.clone(), scale);
             modules.push((name, a, b));
         }
@@ -160,8 +125,13 @@ impl BaseModel {
         ))
     }
 
-    /// Loads a base model whose every weight is a trainable variable (f32).
+    /// Loads a base model whose every weight is a trainable variable (f32), on the CPU.
     pub fn load_trainable(dir: &Path) -> Result<(BaseModel, TrainableBase)> {
+        Self::load_trainable_on(dir, &Device::Cpu)
+    }
+
+    /// [`BaseModel::load_trainable`] onto `device`.
+    pub fn load_trainable_on(dir: &Path, device: &Device) -> Result<(BaseModel, TrainableBase)> {
         let info = BaseModelInfo::from_dir(dir)?;
         let varmap = VarMap::new();
         {
@@ -170,12 +140,12 @@ impl BaseModel {
                 .lock()
                 .expect("a fresh VarMap is not poisoned");
             for file in info.weight_files() {
-                for (name, t) in candle_core::safetensors::load(file, &Device::Cpu)? {
+                for (name, t) in candle_core::safetensors::load(file, device)? {
                     vars.insert(name, Var::from_tensor(&t.to_dtype(DType::F32)?)?);
                 }
             }
         }
-        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
         let model = BaseModel::from_var_builder(info, Precision::F32, vb)?;
         Ok((model, TrainableBase { varmap }))
     }
@@ -203,7 +173,7 @@ impl TrainableBase {
 
 /// Writes `config.json` and a freshly initialised `model.safetensors` for the family the
 /// config names: weights and embeddings normal(0, 0.02) as transformers initialises them,
-/// biases 0, norm weights 1, all from `seed`.
+/// biases 0, norm weights 1, all from `seed` (drawn on the host: it only writes a file).
 pub fn write_random_base(dir: &Path, config: &serde_json::Value, seed: u64) -> Result<()> {
     let config_path = dir.join("config.json");
     let model_type = config["model_type"]

@@ -5,16 +5,14 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use moerge_library::{Adapter, BaseModelInfo};
 
-use crate::adapter_linear::AdapterLinear;
+use super::llama::Llama;
+use super::phi::Phi;
 use crate::error::{EngineError, Result};
-use crate::layers::KvCache;
-use crate::llama::Llama;
-use crate::phi::Phi;
-use crate::threads;
+use crate::nn::{threads, AdapterLinear, ForwardState};
 
 /// Compute precision of a loaded model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -80,29 +78,33 @@ pub struct BaseModel {
 }
 
 impl BaseModel {
-    /// Loads `config.json` and the safetensors weights described by `info` (memory-mapped).
+    /// Loads `config.json` and the safetensors weights described by `info` (memory-mapped)
+    /// onto the CPU.
     pub fn load(info: BaseModelInfo, precision: Precision) -> Result<Self> {
+        Self::load_on(info, precision, &Device::Cpu)
+    }
+
+    /// [`BaseModel::load`] onto `device`: every tensor of every request on this model lives
+    /// there.
+    pub fn load_on(info: BaseModelInfo, precision: Precision, device: &Device) -> Result<Self> {
         // SAFETY: the weight files are memory-mapped read-only. Like every mmap user we
         // rely on nobody truncating them while the model is loaded; candle copies each
         // tensor out of the map when it is fetched, so later edits cannot tear a forward.
         let vb = unsafe {
-            VarBuilder::from_mmaped_safetensors(
-                info.weight_files(),
-                precision.dtype(),
-                &Device::Cpu,
-            )?
+            VarBuilder::from_mmaped_safetensors(info.weight_files(), precision.dtype(), device)?
         };
         Self::from_var_builder(info, precision, vb)
     }
 
     /// Builds the family `info` names from whatever `vb` provides (mapped files, or
-    /// variables when training).
+    /// variables when training), on `vb`'s device.
     pub(crate) fn from_var_builder(
         info: BaseModelInfo,
         precision: Precision,
         vb: VarBuilder<'_>,
     ) -> Result<Self> {
         let config_path = info.dir().join("config.json");
+        let device = vb.device().clone();
         let family = Family::load(info.model_type(), info.config_json(), &config_path, vb)?;
         let vocab_size = match &family {
             Family::Phi(m) => m.config().vocab_size,
@@ -112,7 +114,7 @@ impl BaseModel {
             info: Arc::new(info),
             family,
             precision,
-            device: Device::Cpu,
+            device,
             vocab_size,
             adapter: None,
         })
@@ -158,40 +160,43 @@ impl BaseModel {
         self.adapter.as_deref()
     }
 
-    /// Logits `[b, t, vocab]` (f32) for token ids `[b, t]` continuing `cache`.
-    pub fn forward(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        threads::split_batch(ids, cache, |ids, cache| self.forward_rows(ids, cache))
+    /// Logits `[b, t, vocab]` (f32) for token ids `[b, t]` continuing the request `state`.
+    pub fn forward(&self, ids: &Tensor, state: &mut ForwardState) -> Result<Tensor> {
+        threads::split_batch(ids, state, |ids, state| self.forward_rows(ids, state))
     }
 
     /// Logits of the last position only, `[b, vocab]` (f32): what generation needs, without
     /// projecting every prompt position onto the vocabulary.
-    pub fn forward_last(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        threads::split_batch(ids, cache, |ids, cache| self.forward_last_rows(ids, cache))
+    pub fn forward_last(&self, ids: &Tensor, state: &mut ForwardState) -> Result<Tensor> {
+        threads::split_batch(ids, state, |ids, state| self.forward_last_rows(ids, state))
     }
 
     /// [`BaseModel::forward`] on the calling thread only (the caller splits the batch).
-    pub(crate) fn forward_rows(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let hidden = self.forward_hidden(ids, cache)?;
-        Ok(self.lm_head().forward(&hidden)?.to_dtype(DType::F32)?)
+    pub(crate) fn forward_rows(&self, ids: &Tensor, state: &mut ForwardState) -> Result<Tensor> {
+        let hidden = self.forward_hidden(ids, state)?;
+        Ok(self
+            .lm_head()
+            .forward(&hidden, state)?
+            .to_dtype(DType::F32)?)
     }
 
     /// [`BaseModel::forward_last`] on the calling thread only.
-    pub(crate) fn forward_last_rows(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let hidden = self.forward_hidden(ids, cache)?;
+    pub(crate) fn forward_last_rows(
+        &self,
+        ids: &Tensor,
+        state: &mut ForwardState,
+    ) -> Result<Tensor> {
+        let hidden = self.forward_hidden(ids, state)?;
         let t = hidden.dim(1)?;
         let last = hidden.narrow(1, t - 1, 1)?.squeeze(1)?;
-        Ok(self.lm_head().forward(&last)?.to_dtype(DType::F32)?)
+        Ok(self.lm_head().forward(&last, state)?.to_dtype(DType::F32)?)
     }
 
-    fn forward_hidden(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        // Sequence-routed modules keep running input sums in the request's cache.
-        let mut sums = std::mem::take(&mut cache.routing);
-        let out = crate::routing::with_sequence_sums(&mut sums, || match &self.family {
-            Family::Phi(m) => m.forward_hidden(ids, cache),
-            Family::Llama(m) => m.forward_hidden(ids, cache),
-        });
-        cache.routing = sums;
-        out
+    fn forward_hidden(&self, ids: &Tensor, state: &mut ForwardState) -> Result<Tensor> {
+        match &self.family {
+            Family::Phi(m) => m.forward_hidden(ids, state),
+            Family::Llama(m) => m.forward_hidden(ids, state),
+        }
     }
 
     fn lm_head(&self) -> &AdapterLinear {
@@ -221,6 +226,14 @@ impl BaseModel {
         }
     }
 
+    /// The linear layers by module path, to attach updates to.
+    pub(crate) fn linears_by_name_mut(&mut self) -> BTreeMap<String, &mut AdapterLinear> {
+        self.linears_mut()
+            .into_iter()
+            .map(|l| (l.name().to_string(), l))
+            .collect()
+    }
+
     pub(crate) fn linears_mut(&mut self) -> Vec<&mut AdapterLinear> {
         match &mut self.family {
             Family::Phi(m) => m.linears_mut(),
@@ -228,56 +241,13 @@ impl BaseModel {
         }
     }
 
-    /// A copy of this model fused as `plan` says from `experts` (the plan's experts, in its
-    /// order, with the hashes it names) and `tensors` (the plan's tensor file, empty when it
-    /// has none). Low-rank, exact and fixed merges are served as one LoRA path per module;
-    /// folded merges are added into the base weights.
-    pub fn with_plan(
-        &self,
-        plan: &moerge_sdk::plan::Plan,
-        experts: &[Adapter],
-        tensors: &moerge_library::TensorMap,
-    ) -> Result<BaseModel> {
-        for adapter in experts {
-            self.check_fits(adapter)?;
-        }
-        let merged = crate::merge::merged_modules(plan, experts, tensors)?;
-        let routed = crate::routing::routed_modules(plan, experts, tensors)?;
-        let mut model = self.clone();
-        let mut by_name: BTreeMap<String, &mut AdapterLinear> = model
-            .linears_mut()
-            .into_iter()
-            .map(|l| (l.name().to_string(), l))
-            .collect();
-        let not_a_layer = |module: &str| EngineError::InvalidArgument {
-            argument: "plan",
-            message: format!("module {module} is not a linear layer of this model"),
-        };
-        for (module, m) in merged {
-            let layer = by_name
-                .get_mut(module.as_str())
-                .ok_or_else(|| not_a_layer(&module))?;
-            match m.space {
-                moerge_sdk::plan::MergeSpace::Folded => {
-                    layer.fold_into_weight(&m.b.matmul(&m.a)?)?
-                }
-                _ => layer.set_lora(&m.a, &m.b, 1.0)?,
-            }
-        }
-        for (module, r) in routed {
-            let layer = by_name
-                .get_mut(module.as_str())
-                .ok_or_else(|| not_a_layer(&module))?;
-            layer.set_routed(r);
-        }
-        drop(by_name);
-        let names: Vec<&str> = plan.experts.iter().map(|e| e.name.as_str()).collect();
-        model.adapter = Some(format!("plan({})", names.join(",")));
-        Ok(model)
+    /// Names what is attached (an adapter, or a plan).
+    pub(crate) fn set_adapter_name(&mut self, name: String) {
+        self.adapter = Some(name);
     }
 
     /// Whether `adapter` fits this base (every module exists with matching shapes).
-    fn check_fits(&self, adapter: &Adapter) -> Result<()> {
+    pub(crate) fn check_fits(&self, adapter: &Adapter) -> Result<()> {
         adapter
             .check_compatible(&self.info)
             .map_err(|e| EngineError::Incompatible {
@@ -292,11 +262,7 @@ impl BaseModel {
     pub fn with_adapter(&self, adapter: &Adapter) -> Result<BaseModel> {
         self.check_fits(adapter)?;
         let mut model = self.clone();
-        let mut by_name: BTreeMap<String, &mut AdapterLinear> = model
-            .linears_mut()
-            .into_iter()
-            .map(|l| (l.name().to_string(), l))
-            .collect();
+        let mut by_name = model.linears_by_name_mut();
         for (module, lora) in adapter.modules() {
             let layer =
                 by_name

@@ -14,10 +14,10 @@ use moerge_library::{Adapter, F32Tensor, TensorMap};
 use moerge_sdk::plan::{self, Plan};
 
 use crate::error::{EngineError, Result};
-use crate::fused::{FusedModel, LanguageModel};
-use crate::layers::KvCache;
-use crate::model::BaseModel;
-use crate::trainer::{self, Example};
+use crate::models::{BaseModel, LanguageModel};
+use crate::nn::ForwardState;
+use crate::plan::{check_experts, merge, FusedModel};
+use crate::run::examples::{pack, Example};
 
 /// A frozen plan whose next-token distributions a fit learns to match: single-pass or an
 /// ensemble (whose output is already the mixture), over the fit's experts in their order.
@@ -63,7 +63,7 @@ impl TeacherOutputs {
         teacher: &Teacher,
         examples: usize,
     ) -> Result<TeacherOutputs> {
-        crate::merge::check_experts(&teacher.plan, experts).map_err(|e| {
+        check_experts(&teacher.plan, experts).map_err(|e| {
             teacher_error(format!(
                 "must name the fit's experts in the fit's order: {e}"
             ))
@@ -123,9 +123,9 @@ pub(crate) fn completion_log_probs(
     model: &impl LanguageModel,
     batch: &[&Example],
 ) -> Result<Tensor> {
-    let (ids, _, _) = trainer::pack(batch)?;
+    let (ids, _, _) = pack(batch, model.device())?;
     let (b, t) = ids.dims2()?;
-    let logits = model.forward(&ids, &mut KvCache::new())?;
+    let logits = model.forward(&ids, &mut ForwardState::new())?;
     let v = logits.dim(D::Minus1)?;
     let rows = logits.narrow(1, 0, t - 1)?.reshape((b * (t - 1), v))?;
     let mut picks = Vec::new();
@@ -177,13 +177,14 @@ pub(crate) fn kl_loss(
 }
 
 /// The fixed modules of `template` (those whose factors its tensors hold, as serving finds
-/// them) as variables `(A [r, in], B [out, r])`, starting from those factors.
+/// them) as variables `(A [r, in], B [out, r])` on `device`, starting from those factors.
 pub(crate) fn fixed_vars(
     template: &Plan,
     tensors: &TensorMap,
+    device: &candle_core::Device,
 ) -> Result<BTreeMap<String, (Var, Var)>> {
     let mut out = BTreeMap::new();
-    for (module, (a, b)) in crate::merge::fixed_factors(template, tensors, "template")? {
+    for (module, (a, b)) in merge::fixed_factors(template, tensors, "template", device)? {
         out.insert(module, (Var::from_tensor(&a)?, Var::from_tensor(&b)?));
     }
     Ok(out)
@@ -254,4 +255,4 @@ pub(crate) fn write_fixed(
 
 #[cfg(test)]
 #[path = "distill_tests.rs"]
-mod tests;
+pub(crate) mod tests;

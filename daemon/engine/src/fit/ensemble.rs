@@ -8,17 +8,16 @@
 
 use std::ops::ControlFlow;
 
-use candle_core::{Device, Tensor, Var, D};
-use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
+use candle_core::{Tensor, Var, D};
 use moerge_library::{Adapter, TensorMap};
 use moerge_sdk::plan::{EnsembleLevel, Plan};
-use rand::{Rng, SeedableRng};
 
-use crate::error::{EngineError, Result};
-use crate::inference;
-use crate::model::BaseModel;
-use crate::plan_fit::FittedPlan;
-use crate::trainer::{self, Example, StepReport, TrainOptions, TrainSummary};
+use super::plan_fit::FittedPlan;
+use crate::error::Result;
+use crate::models::BaseModel;
+use crate::run::examples::Example;
+use crate::run::inference;
+use crate::train::trainer::{self, StepReport, TrainOptions};
 
 /// What each member said about one example's completion tokens.
 struct Cached {
@@ -39,12 +38,6 @@ pub(crate) fn fit_ensemble_weights(
     mut on_step: impl FnMut(&StepReport) -> ControlFlow<()>,
 ) -> Result<FittedPlan> {
     let ensemble = template.ensemble.as_ref().expect("an ensemble template");
-    if data.is_empty() {
-        return Err(EngineError::InvalidArgument {
-            argument: "training",
-            message: "needs data".into(),
-        });
-    }
     let level = ensemble.level;
     let members = template
         .passes()
@@ -60,22 +53,9 @@ pub(crate) fn fit_ensemble_weights(
             EnsembleLevel::Logit => m.weight as f32,
         })
         .collect();
-    let theta = Var::from_vec(start, members.len(), &Device::Cpu)?;
-    let mut optimizer = AdamW::new(
-        vec![theta.clone()],
-        ParamsAdamW {
-            lr: train.lr,
-            weight_decay: 0.0,
-            ..Default::default()
-        },
-    )?;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(train.seed);
-    let mut losses = Vec::new();
-    for step in 0..train.steps {
-        let picks: Vec<usize> = (0..train.batch_size.max(1))
-            .map(|_| rng.random_range(0..data.len()))
-            .collect();
-        for &i in &picks {
+    let theta = Var::from_vec(start, members.len(), base.device())?;
+    let loss = |picks: &[usize]| {
+        for &i in picks {
             if cached[i].is_none() {
                 cached[i] = Some(cache_example(&members, &data[i], level)?);
             }
@@ -84,23 +64,9 @@ pub(crate) fn fit_ensemble_weights(
             .iter()
             .map(|&i| cached[i].as_ref().expect("cached above"))
             .collect();
-        let loss = batch_loss(&theta, &batch, level)?;
-        let grads = loss.backward()?;
-        let lr = trainer::learning_rate(train, step);
-        optimizer.set_learning_rate(lr);
-        optimizer.step(&grads)?;
-        let loss = loss.to_scalar::<f32>()?;
-        losses.push(loss);
-        let report = StepReport {
-            step: step + 1,
-            steps: train.steps,
-            loss,
-            lr,
-        };
-        if on_step(&report).is_break() {
-            break;
-        }
-    }
+        batch_loss(&theta, &batch, level)
+    };
+    let summary = trainer::train_with_loss(vec![theta.clone()], data, train, loss, &mut on_step)?;
     let weights: Vec<f64> = match level {
         EnsembleLevel::Probability => candle_nn::ops::softmax(theta.as_tensor(), 0)?,
         EnsembleLevel::Logit => theta.as_tensor().clone(),
@@ -119,15 +85,10 @@ pub(crate) fn fit_ensemble_weights(
         let total: f64 = e.members.iter().map(|m| m.weight).sum();
         e.members.iter_mut().for_each(|m| m.weight /= total);
     }
-    let tail = &losses[losses.len().saturating_sub(10)..];
     Ok(FittedPlan {
         plan,
         tensors: tensors.clone(),
-        summary: TrainSummary {
-            steps: losses.len(),
-            first_loss: losses.first().copied().unwrap_or(f32::NAN),
-            final_loss: tail.iter().sum::<f32>() / tail.len().max(1) as f32,
-        },
+        summary,
     })
 }
 
@@ -135,7 +96,7 @@ fn cache_example(members: &[BaseModel], e: &Example, level: EnsembleLevel) -> Re
     let ids: Vec<u32> = e.prompt.iter().chain(&e.completion).copied().collect();
     let first = e.prompt.len() - 1;
     let t = e.completion.len();
-    let targets = Tensor::new(e.completion.as_slice(), &Device::Cpu)?;
+    let targets = Tensor::new(e.completion.as_slice(), members[0].device())?;
     let per_member = members
         .iter()
         .map(|m| {
@@ -188,12 +149,14 @@ fn batch_loss(theta: &Var, batch: &[&Cached], level: EnsembleLevel) -> Result<Te
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plan_fit::tests::{one_hot_ensemble, setup};
+    use crate::fit::plan_fit::tests::{one_hot_ensemble, setup};
+    use crate::run::examples::batch_loss as serving_batch_loss;
+    use candle_core::Device;
 
     fn serving_loss(base: &BaseModel, experts: &[Adapter], plan: &Plan, data: &[Example]) -> f32 {
         let model = base.fuse(plan, experts).unwrap();
         let refs: Vec<&Example> = data.iter().collect();
-        trainer::batch_loss(&model, &refs)
+        serving_batch_loss(&model, &refs)
             .unwrap()
             .to_scalar()
             .unwrap()
@@ -238,6 +201,7 @@ mod tests {
                 batch_size: 4,
                 lr: 0.1,
                 warmup_steps: 1,
+                grad_clip: 0.0,
                 ..Default::default()
             };
             let fitted = fit_ensemble_weights(

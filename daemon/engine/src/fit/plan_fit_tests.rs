@@ -4,11 +4,13 @@
 use std::path::PathBuf;
 
 use moerge_sdk::plan::{
-    Ensemble, EnsembleLevel, ExpertRef, Group, Member, MergeSpace, PLAN_VERSION,
+    Ensemble, EnsembleLevel, ExpertRef, Granularity, Group, Member, MergeSpace, Mix, Router,
+    PLAN_VERSION,
 };
 
 use super::*;
-use crate::model::Precision;
+use crate::models::Precision;
+use crate::run::examples::batch_loss;
 
 fn fixtures() -> PathBuf {
     match std::env::var_os("MOERGE_FIXTURES") {
@@ -77,7 +79,7 @@ fn serving_loss(
     let model = base.fuse_with(plan, experts, tensors).unwrap();
     let refs: Vec<&Example> = data.iter().collect();
     f64::from(
-        trainer::batch_loss(&model, &refs)
+        batch_loss(&model, &refs)
             .unwrap()
             .to_scalar::<f32>()
             .unwrap(),
@@ -87,7 +89,7 @@ fn serving_loss(
 /// Autograd gradient of the fitting model's loss for `var`.
 fn autograd(model: &BaseModel, var: &Var, data: &[Example]) -> Vec<f64> {
     let refs: Vec<&Example> = data.iter().collect();
-    let loss = trainer::batch_loss(model, &refs).unwrap();
+    let loss = batch_loss(model, &refs).unwrap();
     let grads = loss.backward().unwrap();
     grads
         .get(var.as_tensor())

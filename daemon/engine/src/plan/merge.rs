@@ -1,15 +1,16 @@
 //! Static merges: a plan's per-module weights applied to the experts' LoRA factors, in
 //! low-rank space (the paper's "average A and B separately"), exactly (concatenated ranks),
-//! or folded into the base weight; and fixed modules, whose factors the plan carries. Also exports a merge as a PEFT adapter folder.
+//! or folded into the base weight; and fixed modules, whose factors the plan carries.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
 
 use candle_core::{Device, Tensor};
-use moerge_library::{Adapter, ContentHash, NewAdapter, TensorMap};
+use moerge_library::{Adapter, TensorMap};
 use moerge_sdk::plan::{MergeSpace, ModulePlan, Plan};
 
+use super::{check_experts, plan_error};
 use crate::error::{EngineError, Result};
+use crate::nn::linalg;
 
 /// One module's merged update: `ΔW = B A` (scale already folded in), and where it is applied.
 pub struct MergedModule {
@@ -20,51 +21,16 @@ pub struct MergedModule {
     pub b: Tensor,
 }
 
-fn plan_error(message: String) -> EngineError {
-    EngineError::InvalidArgument {
-        argument: "plan",
-        message,
-    }
-}
-
-/// Checks that `experts` are the plan's experts, in its order, with the hashes it names.
-pub(crate) fn check_experts(plan: &Plan, experts: &[Adapter]) -> Result<()> {
-    if experts.len() != plan.experts.len() {
-        return Err(plan_error(format!(
-            "names {} experts but {} were given",
-            plan.experts.len(),
-            experts.len()
-        )));
-    }
-    for (i, (want, got)) in plan.experts.iter().zip(experts).enumerate() {
-        if want.name != got.name() {
-            return Err(plan_error(format!(
-                "experts[{i}] is {:?} but the adapter given is {:?}",
-                want.name,
-                got.name()
-            )));
-        }
-        if want.hash != got.hash().to_string() {
-            return Err(plan_error(format!(
-                "experts[{i}].hash: expert {:?} has changed since the plan was made (plan {}, files {}); re-create the plan",
-                want.name,
-                &want.hash[..12.min(want.hash.len())],
-                got.hash().short()
-            )));
-        }
-    }
-    Ok(())
-}
-
-/// The merged factors of every module a static or fixed part of `plan` touches (fixed
-/// modules read their factors from `tensors`, the plan's tensor file).
+/// The merged factors, on `device`, of every module a static or fixed part of `plan` touches
+/// (fixed modules read their factors from `tensors`, the plan's tensor file).
 pub fn merged_modules(
     plan: &Plan,
     experts: &[Adapter],
     tensors: &TensorMap,
+    device: &Device,
 ) -> Result<BTreeMap<String, MergedModule>> {
     check_experts(plan, experts)?;
-    let mut out = fixed_modules(plan, tensors)?;
+    let mut out = fixed_modules(plan, tensors, device)?;
     let modules: BTreeSet<&String> = experts.iter().flat_map(|e| e.modules().keys()).collect();
     for module in modules {
         let ModulePlan::Static {
@@ -114,8 +80,8 @@ pub fn merged_modules(
                     e.add_scaled_f32(&m.b, c, &mut b);
                 }
                 (
-                    Tensor::from_vec(a, (rank, first_in), &Device::Cpu)?,
-                    Tensor::from_vec(b, (first_out, rank), &Device::Cpu)?,
+                    Tensor::from_vec(a, (rank, first_in), device)?,
+                    Tensor::from_vec(b, (first_out, rank), device)?,
                 )
             }
             MergeSpace::Exact | MergeSpace::Folded => {
@@ -135,8 +101,8 @@ pub fn merged_modules(
                     offset += m.rank;
                 }
                 (
-                    Tensor::from_vec(a, (total, first_in), &Device::Cpu)?,
-                    Tensor::from_vec(b, (first_out, total), &Device::Cpu)?,
+                    Tensor::from_vec(a, (total, first_in), device)?,
+                    Tensor::from_vec(b, (first_out, total), device)?,
                 )
             }
         };
@@ -158,8 +124,12 @@ pub fn merged_modules(
 
 /// The modules `plan` marks fixed: their factors are named in `tensors` by module path, so
 /// the tensor names say which modules exist (a fixed module may be one no expert adapts).
-fn fixed_modules(plan: &Plan, tensors: &TensorMap) -> Result<BTreeMap<String, MergedModule>> {
-    let out: BTreeMap<String, MergedModule> = fixed_factors(plan, tensors, "plan")?
+fn fixed_modules(
+    plan: &Plan,
+    tensors: &TensorMap,
+    device: &Device,
+) -> Result<BTreeMap<String, MergedModule>> {
+    let out: BTreeMap<String, MergedModule> = fixed_factors(plan, tensors, "plan", device)?
         .into_iter()
         .map(|(module, (a, b))| {
             let merged = MergedModule {
@@ -183,11 +153,13 @@ fn fixed_modules(plan: &Plan, tensors: &TensorMap) -> Result<BTreeMap<String, Me
 }
 
 /// The factors `(A [r, in], B [out, r])` of every module `plan` marks fixed, read from
-/// `tensors` (`<module>.lora_A.weight` / `.lora_B.weight`); errors name `argument`.
+/// `tensors` (`<module>.lora_A.weight` / `.lora_B.weight`) onto `device`; errors name
+/// `argument`.
 pub(crate) fn fixed_factors(
     plan: &Plan,
     tensors: &TensorMap,
     argument: &'static str,
+    device: &Device,
 ) -> Result<BTreeMap<String, (Tensor, Tensor)>> {
     use moerge_sdk::plan::{fixed_a_name, fixed_b_name};
     let error = |message| EngineError::InvalidArgument { argument, message };
@@ -217,72 +189,11 @@ pub(crate) fn fixed_factors(
                 "module {module}: {a_name} has rank {r} but {b_name} has {rb}"
             )));
         }
-        let a = Tensor::from_vec(a.data.clone(), (r, inp), &Device::Cpu)?;
-        let b = Tensor::from_vec(b.data.clone(), (out_features, r), &Device::Cpu)?;
+        let a = Tensor::from_vec(a.data.clone(), (r, inp), device)?;
+        let b = Tensor::from_vec(b.data.clone(), (out_features, r), device)?;
         out.insert(module.to_string(), (a, b));
     }
     Ok(out)
-}
-
-/// Writes the static merge of `plan` as a PEFT LoRA folder: low-rank merges keep their rank,
-/// exact (and folded) merges get the concatenated rank, every module with scale 1
-/// (`lora_alpha` = its rank, through `alpha_pattern` where ranks differ).
-pub fn export_peft(
-    plan: &Plan,
-    experts: &[Adapter],
-    tensors: &TensorMap,
-    dir: &Path,
-) -> Result<ContentHash> {
-    if let Some((m, _)) = std::iter::once(("default", &plan.default))
-        .chain(plan.modules.iter().map(|(k, v)| (k.as_str(), v)))
-        .find(|(_, p)| {
-            !matches!(
-                p,
-                ModulePlan::Static { .. } | ModulePlan::Fixed | ModulePlan::None
-            )
-        })
-    {
-        return Err(plan_error(format!(
-            "module plan {m} is not a static merge; only static merges export as one PEFT adapter"
-        )));
-    }
-    let merged = merged_modules(plan, experts, tensors)?;
-    if merged.is_empty() {
-        return Err(plan_error(
-            "merges no module, so there is nothing to export".into(),
-        ));
-    }
-    // Every module gets scale 1: lora_alpha equals its rank, through alpha_pattern where the
-    // rank differs from the first module's.
-    let factors: Vec<(String, Tensor, Tensor)> =
-        merged.into_iter().map(|(m, f)| (m, f.a, f.b)).collect();
-    let ranks = factors
-        .iter()
-        .map(|(m, a, _)| Ok((m.clone(), a.dim(0)?)))
-        .collect::<Result<Vec<_>>>()?;
-    let r = ranks[0].1;
-    let targets: BTreeSet<String> = ranks
-        .iter()
-        .map(|(m, _)| m.rsplit('.').next().unwrap_or(m).to_string())
-        .collect();
-    let header = NewAdapter {
-        r,
-        lora_alpha: r as f64,
-        use_rslora: false,
-        target_modules: targets.into_iter().collect(),
-        base_model_name_or_path: experts[0]
-            .config()
-            .base_model_name_or_path
-            .clone()
-            .unwrap_or_default(),
-        alpha_overrides: ranks
-            .iter()
-            .filter(|(_, k)| *k != r)
-            .map(|(m, k)| (m.clone(), *k as f64))
-            .collect(),
-        modules: Vec::new(),
-    };
-    crate::trainable::write_factors(dir, header, &factors)
 }
 
 /// The best rank-`k` approximation of `ΔW = B A` (`b` `[out, R]`, `a` `[R, in]`) as new
@@ -300,13 +211,13 @@ fn truncate(a: &Tensor, b: &Tensor, k: usize) -> Result<(Tensor, Tensor)> {
     };
     let a_t = to64(&a.t()?.contiguous()?)?; // in × R
     let b64 = to64(b)?; // out × R
-    let crate::linalg::ProductSvd {
+    let linalg::ProductSvd {
         qa,
         qb,
         m,
         values,
         v,
-    } = crate::linalg::product_svd(&a_t, &b64, r, inp, out);
+    } = linalg::product_svd(&a_t, &b64, r, inp, out);
     // U = M V / σ.
     let mut new_b = vec![0f32; out * k];
     let mut new_a = vec![0f32; k * inp];
@@ -330,7 +241,7 @@ fn truncate(a: &Tensor, b: &Tensor, k: usize) -> Result<(Tensor, Tensor)> {
         }
     }
     Ok((
-        Tensor::from_vec(new_a, (k, inp), &Device::Cpu)?,
-        Tensor::from_vec(new_b, (out, k), &Device::Cpu)?,
+        Tensor::from_vec(new_a, (k, inp), a.device())?,
+        Tensor::from_vec(new_b, (out, k), a.device())?,
     ))
 }

@@ -11,7 +11,8 @@ use std::sync::{Mutex, OnceLock};
 
 use moerge_library::{Adapter, ContentHash, LoraModule};
 
-use crate::linalg;
+use super::stacks::UnitParts;
+use crate::nn::linalg;
 
 /// The unit prototype (length `in_features`) of one expert's module.
 pub fn prototype(adapter: &Adapter, module: &LoraModule) -> Vec<f32> {
@@ -37,6 +38,28 @@ pub(crate) fn cached_prototype(adapter: &Adapter, module: &LoraModule) -> Vec<f3
         .unwrap_or_else(|e| e.into_inner())
         .insert(key, v.clone());
     v
+}
+
+/// The prototype of a unit merging several experts' updates, `Σ w s B A`: the factors
+/// `[A_1; A_2; …]` and `[w_1 s_1 B_1, w_2 s_2 B_2, …]` side by side.
+pub(crate) fn unit_prototype(parts: &UnitParts<'_>) -> Vec<f32> {
+    let (inp, out) = (parts[0].2.in_features, parts[0].2.out_features);
+    let r: usize = parts.iter().map(|(_, _, m)| m.rank).sum();
+    let mut a = Vec::with_capacity(r * inp);
+    let mut b = vec![0f64; out * r];
+    let mut offset = 0;
+    for (w, e, m) in parts {
+        a.extend(e.tensor_f32(&m.a).into_iter().map(f64::from));
+        // Scaled in f32, as the serving stacks hold them.
+        let c = (w * m.scale) as f32;
+        for (o, row) in e.tensor_f32(&m.b).chunks_exact(m.rank).enumerate() {
+            for (k, v) in row.iter().enumerate() {
+                b[o * r + offset + k] = f64::from(c * v);
+            }
+        }
+        offset += m.rank;
+    }
+    prototype_of_factors(&a, &b, r, inp, out)
 }
 
 /// The unit top right singular vector of `B A` for `a` (`r × in`) and `b` (`out × r`).

@@ -12,10 +12,9 @@ use candle_nn::{Activation, Embedding, VarBuilder};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::adapter_linear::AdapterLinear;
-use crate::config::{self, RopeSettings};
+use super::config::{self, RopeSettings};
 use crate::error::{EngineError, Result};
-use crate::layers::{Heads, KvCache, Norm, RotaryTables, SelfAttention};
+use crate::nn::{AdapterLinear, ForwardState, Heads, Norm, RotaryTables, SelfAttention};
 
 /// The fields of a Phi `config.json` this implementation reads.
 #[derive(Debug, Clone, Deserialize)]
@@ -129,16 +128,15 @@ impl Phi {
     }
 
     /// Hidden states after `final_layernorm`, `[b, t, hidden]`, for `ids` `[b, t]` that
-    /// follow the positions already in `cache`.
-    pub fn forward_hidden(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+    /// follow the positions already in the request `state`.
+    pub fn forward_hidden(&self, ids: &Tensor, state: &mut ForwardState) -> Result<Tensor> {
         let mut x = self.embed_tokens.forward(ids)?;
         for (idx, layer) in self.layers.iter().enumerate() {
             // Attention and MLP read the same normed input, in parallel.
             let normed = layer.input_layernorm.forward(&x)?;
-            let attn = layer.self_attn.forward(&normed, &self.rotary, cache, idx)?;
-            let ff = layer
-                .fc2
-                .forward(&self.activation(&layer.fc1.forward(&normed)?)?)?;
+            let attn = layer.self_attn.forward(&normed, &self.rotary, state, idx)?;
+            let hidden = self.activation(&layer.fc1.forward(&normed, state)?)?;
+            let ff = layer.fc2.forward(&hidden, state)?;
             x = ((attn + ff)? + x)?;
         }
         self.final_layernorm.forward(&x)
@@ -147,7 +145,7 @@ impl Phi {
     fn activation(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match self.cfg.hidden_act {
             // Same function as candle's, several times faster (see `kernels`).
-            Activation::NewGelu | Activation::GeluPytorchTanh => crate::kernels::gelu_tanh(x)?,
+            Activation::NewGelu | Activation::GeluPytorchTanh => crate::nn::kernels::gelu_tanh(x)?,
             other => other.forward(x)?,
         })
     }

@@ -2,21 +2,22 @@
 //! gradients in the fixed factors, a fit that imitates a single expert, and the host service.
 
 use std::ops::ControlFlow;
-use std::sync::atomic::AtomicBool;
-use std::sync::Mutex;
 
-use moerge_sdk::optimize::{OptimizeOptions, TEACHER_TENSOR_PREFIX};
 use moerge_sdk::plan::{EnsembleLevel, MergeSpace, ModulePlan};
-use moerge_sdk::policy::{Fitted, HostServices, Record};
 use rand::{Rng, SeedableRng};
 
 use super::*;
-use crate::plan_fit::tests::{one_hot_ensemble, plan_of, setup};
-use crate::plan_fit::{fit_plan, PlanFitOptions};
+use crate::fit::plan_fit::tests::{one_hot_ensemble, plan_of, setup};
+use crate::fit::plan_fit::{fit_plan, PlanFitOptions};
 
 /// A student with a fixed rank-`r` update on every module the experts adapt: `A` uniform in
 /// ±1/√in (PEFT's), `B` zero or, with `b_scale > 0`, uniform in ±`b_scale`.
-fn student(experts: &[Adapter], rank: usize, b_scale: f32, seed: u64) -> (Plan, TensorMap) {
+pub(crate) fn student(
+    experts: &[Adapter],
+    rank: usize,
+    b_scale: f32,
+    seed: u64,
+) -> (Plan, TensorMap) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut tensors = TensorMap::new();
     for (module, m) in experts[0].modules() {
@@ -84,7 +85,7 @@ fn teacher_probs(
             let model = base.with_plan(&pass, experts, tensors).unwrap();
             (
                 w,
-                row_vectors(&crate::inference::logits(&model, ids).unwrap()),
+                row_vectors(&crate::run::inference::logits(&model, ids).unwrap()),
             )
         })
         .collect();
@@ -123,7 +124,7 @@ fn plain_kl(
     for e in data {
         let ids: Vec<u32> = e.prompt.iter().chain(&e.completion).copied().collect();
         let p = teacher_probs(base, experts, &teacher.plan, &teacher.tensors, &ids);
-        let q = row_vectors(&crate::inference::logits(student, &ids).unwrap());
+        let q = row_vectors(&crate::run::inference::logits(student, &ids).unwrap());
         for pos in e.prompt.len() - 1..ids.len() - 1 {
             let q = softmax(&q[pos]);
             for (pk, qk) in p[pos].iter().zip(&q) {
@@ -162,7 +163,7 @@ fn the_kl_loss_and_its_gradients_match_plain_loops_over_the_served_models() {
         };
         // The student as a fit trains it: served as usual, its fixed modules on variables.
         let mut model = base.with_plan(&template, &experts, &tensors).unwrap();
-        let vars = fixed_vars(&template, &tensors).unwrap();
+        let vars = fixed_vars(&template, &tensors, base.device()).unwrap();
         attach_fixed(&mut model, &vars).unwrap();
         let mut outputs = TeacherOutputs::new(&base, &experts, &teacher, data.len()).unwrap();
         // Every example once, one twice (served from the cache the second time).
@@ -303,74 +304,4 @@ fn refusals_name_what_is_wrong() {
     // A fixed plan without factors has nothing to train.
     let err = fit(&template, &TensorMap::new(), &opts);
     assert!(err.contains("nothing to fit"), "{err}");
-}
-
-#[test]
-fn the_host_service_keeps_the_teachers_tensors_apart_and_out_of_the_result() {
-    let (base, experts, _) = setup();
-    let tokenizer = crate::TextTokenizer::from_dir(base.info().dir()).unwrap();
-    let records: Vec<Record> = ["abc>ABC", "xy>XY", "hello>HELLO"]
-        .iter()
-        .map(|s| {
-            let (p, c) = s.split_once('>').unwrap();
-            Record {
-                task: None,
-                prompt: format!("{p}>"),
-                completion: format!("{c}\n"),
-            }
-        })
-        .collect();
-    let messages = Mutex::new(Vec::new());
-    let cancelled = AtomicBool::new(false);
-    let services = crate::services::EngineServices::new(
-        &base,
-        &experts,
-        &tokenizer,
-        &records,
-        &[],
-        |_, m| messages.lock().unwrap().push(m.to_string()),
-        &cancelled,
-    )
-    .unwrap();
-    // The teacher is a fixed plan too, whose factors have the student's tensor names.
-    let (plan, student_tensors) = student(&experts, 2, 0.0, 5);
-    let (teacher_plan, teacher_tensors) = student(&experts, 3, 0.1, 6);
-    let mut template = Fitted {
-        plan,
-        tensors: crate::services::sdk_tensors(&student_tensors),
-    };
-    for (k, t) in crate::services::sdk_tensors(&teacher_tensors) {
-        template
-            .tensors
-            .insert(format!("{TEACHER_TENSOR_PREFIX}{k}"), t);
-    }
-    let options = OptimizeOptions {
-        steps: 3,
-        batch_size: 2,
-        train_fixed: true,
-        teacher: Some(Box::new(teacher_plan.clone())),
-        ..Default::default()
-    };
-    let fitted = services.optimize(&template, &options).unwrap();
-    assert_eq!(fitted.tensors.len(), student_tensors.len());
-    for (name, t) in &fitted.tensors {
-        assert_eq!(t.shape, student_tensors[name].shape, "{name}");
-    }
-    let messages = messages.lock().unwrap();
-    assert!(messages.iter().any(|m| m.contains("KL")), "{messages:?}");
-    // A teacher that is not a valid plan is refused, naming it.
-    let mut broken = teacher_plan;
-    broken.default = ModulePlan::one_hot(0, 2, MergeSpace::Exact);
-    let options = OptimizeOptions {
-        teacher: Some(Box::new(broken)),
-        ..options
-    };
-    let err = services
-        .optimize(&template, &options)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("teacher") && err.contains("default.static.weights"),
-        "{err}"
-    );
 }

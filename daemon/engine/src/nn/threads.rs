@@ -9,8 +9,8 @@
 
 use candle_core::Tensor;
 
+use super::state::{Cut, ForwardState, MemberPart};
 use crate::error::{EngineError, Result};
-use crate::layers::KvCache;
 
 /// Makes candle run each op on the calling thread (`RAYON_NUM_THREADS` and
 /// `CANDLE_NUM_THREADS` = 1, unless the user set them), so the engine parallelises across
@@ -24,9 +24,16 @@ pub fn prefer_data_parallelism() {
     }
 }
 
-/// Threads to split a batch of `rows` over: only when candle itself runs single-threaded.
-fn data_parallel_threads(rows: usize) -> usize {
-    if rows < 2 || candle_core::utils::get_num_threads() > 1 {
+/// Threads to split a batch of `rows` over: as many as the request asked for, else only when
+/// candle itself runs single-threaded.
+fn data_parallel_threads(rows: usize, state: &ForwardState) -> usize {
+    if rows < 2 {
+        return 1;
+    }
+    if let Some(n) = state.threads() {
+        return n.min(rows);
+    }
+    if candle_core::utils::get_num_threads() > 1 {
         return 1;
     }
     std::thread::available_parallelism()
@@ -35,12 +42,19 @@ fn data_parallel_threads(rows: usize) -> usize {
 }
 
 /// Runs `f` on contiguous parts of the batch in parallel (or once, on the whole batch) and
-/// joins the outputs and the caches along the batch.
-pub(crate) fn split_batch<F>(ids: &Tensor, cache: &mut KvCache, f: F) -> Result<Tensor>
+/// joins the outputs and the states along the batch.
+pub(crate) fn split_batch<F>(ids: &Tensor, state: &mut ForwardState, f: F) -> Result<Tensor>
 where
-    F: Fn(&Tensor, &mut KvCache) -> Result<Tensor> + Sync,
+    F: Fn(&Tensor, &mut ForwardState) -> Result<Tensor> + Sync,
 {
-    split_batch_over(data_parallel_threads(ids.dim(0)?), ids, cache, f)
+    let sizes = shares(
+        ids.dim(0)?,
+        data_parallel_threads(ids.dim(0)?, state).max(1),
+    );
+    if sizes.len() <= 1 {
+        return f(ids, state);
+    }
+    run_parts(&Cut::Rows(&sizes), ids, state, f)
 }
 
 /// Splits `n` items into `parts` near-equal counts.
@@ -50,62 +64,59 @@ fn shares(n: usize, parts: usize) -> Vec<usize> {
         .collect()
 }
 
-fn split_batch_over<F>(threads: usize, ids: &Tensor, cache: &mut KvCache, f: F) -> Result<Tensor>
-where
-    F: Fn(&Tensor, &mut KvCache) -> Result<Tensor> + Sync,
-{
-    let sizes = shares(ids.dim(0)?, threads.max(1));
-    run_parts(&sizes, ids, cache, |ids, cache, _| f(ids, cache))
-}
-
-/// For a batch made of `blocks` equal blocks of rows (an ensemble's members): runs `f` on
-/// whole blocks in parallel, telling it the first block and how many it has.
+/// For a batch made of `blocks` equal blocks of rows (a stacked ensemble's members): runs `f`
+/// on whole blocks in parallel, each part's state saying which members its rows hold.
 pub(crate) fn split_blocks<F>(
     blocks: usize,
     ids: &Tensor,
-    cache: &mut KvCache,
+    state: &mut ForwardState,
     f: F,
 ) -> Result<Tensor>
 where
-    F: Fn(&Tensor, &mut KvCache, usize, usize) -> Result<Tensor> + Sync,
+    F: Fn(&Tensor, &mut ForwardState) -> Result<Tensor> + Sync,
 {
     let block = ids.dim(0)? / blocks.max(1);
-    let counts = shares(blocks, data_parallel_threads(blocks).max(1));
+    let counts = shares(blocks, data_parallel_threads(blocks, state).max(1));
+    if counts.len() <= 1 {
+        state.set_member_part(Some(MemberPart {
+            first: 0,
+            count: blocks,
+        }));
+        let out = f(ids, state);
+        state.set_member_part(None);
+        return out;
+    }
     let sizes: Vec<usize> = counts.iter().map(|c| c * block).collect();
-    let firsts: Vec<usize> = counts
+    let members: Vec<MemberPart> = counts
         .iter()
-        .scan(0, |start, c| {
+        .scan(0, |start, &count| {
             let first = *start;
-            *start += c;
-            Some(first)
+            *start += count;
+            Some(MemberPart { first, count })
         })
         .collect();
-    run_parts(&sizes, ids, cache, |ids, cache, part| {
-        f(ids, cache, firsts[part], counts[part])
-    })
+    run_parts(&Cut::Members(&sizes, &members), ids, state, f)
 }
 
-/// Runs `f` on consecutive parts of `sizes` rows on scoped threads (or directly when there is
-/// one part), and joins outputs and caches along the batch.
-fn run_parts<F>(sizes: &[usize], ids: &Tensor, cache: &mut KvCache, f: F) -> Result<Tensor>
+/// Runs `f` on the parts of `cut` on scoped threads, and joins outputs and states.
+fn run_parts<F>(cut: &Cut<'_>, ids: &Tensor, state: &mut ForwardState, f: F) -> Result<Tensor>
 where
-    F: Fn(&Tensor, &mut KvCache, usize) -> Result<Tensor> + Sync,
+    F: Fn(&Tensor, &mut ForwardState) -> Result<Tensor> + Sync,
 {
-    if sizes.len() <= 1 {
-        return f(ids, cache, 0);
-    }
-    let mut parts = cache.split_batch(sizes)?;
+    let sizes = match cut {
+        Cut::Rows(sizes) | Cut::Members(sizes, _) => *sizes,
+    };
+    let mut parts = state.split(cut)?;
     let outputs: Vec<Result<Tensor>> = std::thread::scope(|scope| {
         let mut start = 0;
         let handles: Vec<_> = sizes
             .iter()
             .zip(parts.iter_mut())
-            .enumerate()
-            .map(|(i, (&n, part))| {
+            .map(|(&n, part)| {
                 let ids = ids.narrow(0, start, n);
                 start += n;
                 let f = &f;
-                scope.spawn(move || f(&ids?, part, i))
+                scope.spawn(move || f(&ids?, part))
             })
             .collect();
         handles
@@ -118,7 +129,7 @@ where
             .collect()
     });
     let outputs = outputs.into_iter().collect::<Result<Vec<_>>>()?;
-    *cache = KvCache::concat_batch(&parts)?;
+    state.join(parts, cut)?;
     Ok(Tensor::cat(&outputs, 0)?)
 }
 
@@ -129,9 +140,9 @@ mod tests {
 
     /// A stand-in for a model step: caches `ids` as keys and values and returns, per row,
     /// the running sum of everything it has cached, so a torn or misordered cache shows.
-    fn step(ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+    fn step(ids: &Tensor, state: &mut ForwardState) -> Result<Tensor> {
         let x = ids.to_dtype(DType::F32)?.unsqueeze(1)?.unsqueeze(3)?; // [b, 1, t, 1]
-        let (k, _) = cache.append(0, x.clone(), x)?;
+        let (k, _) = state.append(0, x.clone(), x)?;
         Ok(k.sum_keepdim(2)?.flatten_all()?)
     }
 
@@ -141,9 +152,9 @@ mod tests {
         let first = Tensor::new(&[[1u32, 2], [3, 4], [5, 6], [7, 8], [9, 10]], &dev).unwrap();
         let next = Tensor::new(&[[1u32], [2], [3], [4], [5]], &dev).unwrap();
         let run = |threads: usize| {
-            let mut cache = KvCache::new();
-            let a = split_batch_over(threads, &first, &mut cache, step).unwrap();
-            let b = split_batch_over(threads, &next, &mut cache, step).unwrap();
+            let mut cache = ForwardState::new().with_threads(threads);
+            let a = split_batch(&first, &mut cache, step).unwrap();
+            let b = split_batch(&next, &mut cache, step).unwrap();
             (
                 a.to_vec1::<f32>().unwrap(),
                 b.to_vec1::<f32>().unwrap(),

@@ -116,7 +116,7 @@ pub(crate) fn rope_settings(json: &Value, path: &Path) -> Result<RopeSettings> {
 impl RopeSettings {
     /// Inverse frequencies for `rotary_dim` channels, with the scaling applied.
     pub(crate) fn inv_freq(&self, rotary_dim: usize) -> Vec<f64> {
-        let base = crate::layers::default_inv_freq(rotary_dim, self.theta);
+        let base = crate::nn::default_inv_freq(rotary_dim, self.theta);
         match self.scaling {
             RopeScaling::None => base,
             RopeScaling::Linear { factor } => base.into_iter().map(|f| f / factor).collect(),
