@@ -316,7 +316,11 @@ fn fold_lanes(v: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
         .fold(acc.into_iter().fold(init, &f), |a, &x| f(a, x))
 }
 
-fn f32_contiguous<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
+pub(super) fn f32_contiguous<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    op: &str,
+) -> Result<&'a [f32]> {
     let CpuStorage::F32(data) = storage else {
         candle_core::bail!("{op}: expects f32 storage");
     };

@@ -11,6 +11,7 @@ mod norm;
 mod rope;
 mod state;
 pub(crate) mod threads;
+mod top_k;
 
 pub(crate) use attention::{Heads, SelfAttention};
 pub use linear::AdapterLinear;
@@ -19,3 +20,4 @@ pub(crate) use norm::Norm;
 pub(crate) use rope::{default_inv_freq, RotaryTables};
 pub use state::{ForwardState, RoutingRecord};
 pub use threads::prefer_data_parallelism;
+pub(crate) use top_k::top_k_softmax;

@@ -2,13 +2,13 @@
 //! several experts for hierarchical plans) from a router (Arrow or learned), softmax over
 //! the top-k scores, the others exactly 0. The units' factors are stacked once, so a routed
 //! forward is a few small matmuls whatever the number of units. The routing maths
-//! ([`routing_weights`]: sequence means, top-k softmax) is the one copy serving and fitting
-//! share.
+//! ([`routing_weights`]: sequence means, then the top-k softmax kernel) is the one copy
+//! serving and fitting share.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 use moerge_library::{Adapter, TensorMap};
 use moerge_sdk::plan::{self, Granularity, Mix, ModulePlan, Plan, Router};
 
@@ -16,7 +16,7 @@ use super::arrow;
 use super::stacks::{mix_factors, ColumnStacks, FactorStacks, UnitParts};
 use super::{check_experts, plan_error};
 use crate::error::Result;
-use crate::nn::{ForwardState, LowRankUpdate, RoutingRecord, UpdateInput};
+use crate::nn::{top_k_softmax, ForwardState, LowRankUpdate, RoutingRecord, UpdateInput};
 
 /// How a routed module scores its units.
 #[derive(Debug, Clone)]
@@ -235,8 +235,9 @@ pub(crate) struct RouteSpec {
 
 /// The routing weights `[n, U]` (f32) of `input`'s rows: the router `score`s each row (or,
 /// routing per sequence, the mean of its sequence so far, kept in `state` across decoding
-/// steps), then [`top_k_softmax`]. Serving and fitting both route through here;
-/// differentiable in whatever `score` reads.
+/// steps), then the softmax over each row's `top_k` largest scores divided by the
+/// temperature, exactly 0 elsewhere (ties to the lower unit; `nn::top_k_softmax`). Serving
+/// and fitting both route through here; differentiable in whatever `score` reads.
 pub(crate) fn routing_weights(
     input: &UpdateInput<'_>,
     state: &mut ForwardState,
@@ -247,7 +248,11 @@ pub(crate) fn routing_weights(
         Granularity::Token => input.x.clone(),
         Granularity::Sequence => sequence_means(input, state)?,
     };
-    top_k_softmax(&score(&routed)?, spec.top_k, spec.temperature)
+    Ok(top_k_softmax(
+        &score(&routed)?,
+        spec.top_k,
+        1.0 / spec.temperature,
+    )?)
 }
 
 impl LowRankUpdate for RoutedModule {
@@ -334,91 +339,4 @@ fn sequence_means(input: &UpdateInput<'_>, state: &mut ForwardState) -> Result<T
     let last = cum.narrow(1, t - 1, 1)?.squeeze(1)?;
     state.set_sequence_sum(input.key, last, seen + t);
     Ok(means.reshape((n, inp))?.to_dtype(x2.dtype())?)
-}
-
-/// Routing weights `[n, U]` (f32) from scores `[n, U]`: per row, softmax of
-/// `score / temperature` over the `top_k` largest scores, exactly 0 elsewhere (ties broken by
-/// unit order: the CPU's sort is stable). The choice is made on the values, on the scores'
-/// device; the result is differentiable in the kept scores (fitting trains through it).
-pub(crate) fn top_k_softmax(scores: &Tensor, top_k: usize, temperature: f64) -> Result<Tensor> {
-    let scaled = (scores.to_dtype(DType::F32)? / temperature)?;
-    let units = scaled.dim(D::Minus1)?;
-    let logits = if top_k >= units {
-        scaled
-    } else {
-        // Each score's rank in its row (0 = largest): the inverse of the descending order.
-        let order = scaled.detach().contiguous()?.arg_sort_last_dim(false)?;
-        let rank = order.arg_sort_last_dim(true)?;
-        let kept = rank.lt(top_k as u32)?.to_dtype(DType::F32)?;
-        // 0 where kept, -1e9 elsewhere: exp underflows to exactly 0.
-        let penalty = ((kept - 1.0)? * 1e9)?;
-        (scaled + penalty)?
-    };
-    Ok(if logits.track_op() {
-        // The composed softmax: candle's fused one has no backward pass.
-        candle_nn::ops::softmax(&logits, D::Minus1)?
-    } else {
-        candle_nn::ops::softmax_last_dim(&logits.contiguous()?)?
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn check(scores: Vec<f32>, e: usize, k: usize, t: f64, want: Vec<f32>) {
-        let n = scores.len() / e;
-        let s = Tensor::from_vec(scores, (n, e), &Device::Cpu).unwrap();
-        let got = top_k_softmax(&s, k, t)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        for (g, w) in got.iter().zip(&want) {
-            assert!((g - w).abs() < 1e-6, "{got:?} vs {want:?}");
-        }
-    }
-
-    #[test]
-    fn top_k_softmax_cases() {
-        let e1 = (1f64).exp();
-        let p = (e1 / (e1 + 1.0)) as f32;
-        check(vec![3.0, 1.0, 2.0], 3, 2, 1.0, vec![p, 0.0, 1.0 - p]);
-        check(vec![3.0, 1.0, 2.0], 3, 1, 1.0, vec![1.0, 0.0, 0.0]);
-        check(vec![1.0, 1.0, 1.0, 1.0], 4, 4, 0.5, vec![0.25; 4]);
-        // Ties at the cut are broken by unit order.
-        check(
-            vec![1.0, 2.0, 2.0, 2.0],
-            4,
-            2,
-            1.0,
-            vec![0.0, 0.5, 0.5, 0.0],
-        );
-        // Temperature 0.5 doubles the gap: e^2 / (e^2 + 1).
-        let q = ((2f64).exp() / ((2f64).exp() + 1.0)) as f32;
-        check(
-            vec![0.0, 5.0, 4.0, -1.0, 0.0, 0.0],
-            3,
-            2,
-            0.5,
-            vec![0.0, q, 1.0 - q, 0.0, 0.5, 0.5],
-        );
-    }
-
-    /// The gradient through the kept scores is the softmax's; dropped scores get none.
-    #[test]
-    fn top_k_softmax_is_differentiable_in_the_kept_scores() {
-        let v = candle_core::Var::from_vec(vec![3f32, 1.0, 2.0], (1, 3), &Device::Cpu).unwrap();
-        let w = top_k_softmax(v.as_tensor(), 2, 1.0).unwrap();
-        // d w_0 / d s: w_0 (δ - w) over the kept units, 0 for the dropped one.
-        let w0 = w.narrow(1, 0, 1).unwrap().sum_all().unwrap();
-        let grads = w0.backward().unwrap();
-        let g = grads.get(&v).unwrap().to_vec2::<f32>().unwrap()[0].clone();
-        let p = w.to_vec2::<f32>().unwrap()[0].clone();
-        let want = [p[0] * (1.0 - p[0]), 0.0, -p[0] * p[2]];
-        for (a, b) in g.iter().zip(want) {
-            assert!((a - b).abs() < 1e-6, "{g:?} vs {want:?}");
-        }
-    }
 }
