@@ -193,13 +193,16 @@ impl AdapterLinear {
         Ok(unflatten(y, &lead)?)
     }
 
-    fn base_2d(&self, x2: &Tensor) -> candle_core::Result<Tensor> {
-        // `t()` is a strided view; the CPU gemm reads it without a copy.
-        let y = x2.matmul(&self.weight.t()?)?;
-        match &self.bias {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
-        }
+    fn base_2d(&self, x2: &Tensor) -> Result<Tensor> {
+        let y = match super::matmul::linear(x2, &self.weight)? {
+            Some(y) => y,
+            // `t()` is a strided view; the CPU gemm reads it without a copy.
+            None => x2.matmul(&self.weight.t()?)?,
+        };
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
     }
 }
 

@@ -7,6 +7,7 @@ mod attention;
 pub(crate) mod kernels;
 pub(crate) mod linalg;
 mod linear;
+mod matmul;
 mod norm;
 mod rope;
 mod state;

@@ -17,11 +17,25 @@ use crate::error::{EngineError, Result};
 /// batch rows instead. Call it at the very start of `main`, before any thread exists: it
 /// changes the process environment.
 pub fn prefer_data_parallelism() {
+    // What the user asked for, read before it is overwritten below.
+    user_thread_cap();
     for var in ["RAYON_NUM_THREADS", "CANDLE_NUM_THREADS"] {
         if std::env::var_os(var).is_none() {
             std::env::set_var(var, "1");
         }
     }
+}
+
+/// The thread count the user set with `RAYON_NUM_THREADS` (before
+/// [`prefer_data_parallelism`] set it to 1 for candle), if any: it caps the kernels' threads.
+pub(crate) fn user_thread_cap() -> Option<usize> {
+    static CAP: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    *CAP.get_or_init(|| {
+        std::env::var("RAYON_NUM_THREADS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|&n| n > 0)
+    })
 }
 
 /// Threads to split a batch of `rows` over: as many as the request asked for, else only when

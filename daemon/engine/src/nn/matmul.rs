@@ -1,0 +1,401 @@
+//! The big matrix products of a base model's linear layers, `y = x Wᵀ` with `W` `[out, in]`
+//! in its own precision (f32 or bf16, never widened as a whole), split over the engine's
+//! compute threads by blocks of output rows, accumulating in f32.
+//!
+//! A few input rows (decoding) stream every weight once through fused dot products: the
+//! memory-bound case, where the weights' bytes per token decide the speed. Many rows (a
+//! prompt) widen one block of weight rows at a time into a small f32 buffer and hand it to
+//! `gemm`'s microkernels, so the widened copy stays in cache. Each output element is summed
+//! the same way whatever the thread count, so results do not depend on it. Small layers (the
+//! tiny models) keep candle's matmul on the calling thread, where splitting costs more than
+//! it saves.
+
+use std::sync::OnceLock;
+
+use candle_core::{CpuStorage, DType, Storage, Tensor};
+use half::bf16;
+
+use crate::error::Result;
+
+/// Below this many weights a layer is multiplied by candle on the calling thread.
+const MIN_WEIGHTS: usize = 1 << 20;
+/// Up to this many input rows, dot products (each weight row read once for all of them).
+const DOT_ROWS: usize = 4;
+/// Weight rows widened and multiplied at a time on the `gemm` path.
+const BLOCK_ROWS: usize = 64;
+
+/// The weights of a layer as the kernels read them.
+#[derive(Clone, Copy)]
+pub(crate) enum Weights<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [bf16]),
+}
+
+/// `x2 Wᵀ` `[n, out]` in `x2`'s dtype for `x2` `[n, in]` and `w` `[out, in]`, through the
+/// engine's kernels; `None` when candle should do it (gradients are tracked, the layer is
+/// small, the device is not the CPU, or the dtype is another).
+pub(crate) fn linear(x2: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+    let (out, k) = w.dims2()?;
+    if !x2.device().is_cpu()
+        || x2.track_op()
+        || w.track_op()
+        || out * k < MIN_WEIGHTS
+        || !matches!(w.dtype(), DType::F32 | DType::BF16)
+        || !w.is_contiguous()
+    {
+        return Ok(None);
+    }
+    let n = x2.dim(0)?;
+    let xf = x2.to_dtype(DType::F32)?.contiguous()?;
+    let (x_storage, x_layout) = xf.storage_and_layout();
+    let (w_storage, w_layout) = w.storage_and_layout();
+    let (Storage::Cpu(CpuStorage::F32(xv)), Storage::Cpu(ws)) = (&*x_storage, &*w_storage) else {
+        return Ok(None);
+    };
+    let x = &xv[x_layout.start_offset()..x_layout.start_offset() + n * k];
+    let start = w_layout.start_offset();
+    let weights = match ws {
+        CpuStorage::F32(v) => Weights::F32(&v[start..start + out * k]),
+        CpuStorage::BF16(v) => Weights::Bf16(&v[start..start + out * k]),
+        _ => return Ok(None),
+    };
+    let y = matmul_t(x, n, k, weights, out, compute_threads());
+    drop((x_storage, w_storage));
+    Ok(Some(
+        Tensor::from_vec(y, (n, out), x2.device())?.to_dtype(x2.dtype())?,
+    ))
+}
+
+/// How many threads the kernels split a product over: every core, unless the user capped
+/// them with `RAYON_NUM_THREADS` (see [`super::threads::prefer_data_parallelism`]).
+pub(crate) fn compute_threads() -> usize {
+    static THREADS: OnceLock<usize> = OnceLock::new();
+    *THREADS.get_or_init(|| {
+        super::threads::user_thread_cap()
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    })
+}
+
+/// The engine's pool of compute threads for the kernels (separate from rayon's global pool,
+/// which binaries keep at one thread for candle's small ops).
+fn pool() -> &'static rayon::ThreadPool {
+    static POOL: OnceLock<rayon::ThreadPool> = OnceLock::new();
+    POOL.get_or_init(|| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(compute_threads())
+            .thread_name(|i| format!("moerge-matmul-{i}"))
+            .build()
+            .expect("the kernel thread pool starts")
+    })
+}
+
+/// `y [n, out] = x [n, k] · Wᵀ` with the output rows of `W` split into `threads` parts.
+pub(crate) fn matmul_t(
+    x: &[f32],
+    n: usize,
+    k: usize,
+    w: Weights<'_>,
+    out: usize,
+    threads: usize,
+) -> Vec<f32> {
+    let parts = threads.clamp(1, out.div_ceil(BLOCK_ROWS).max(1));
+    // Part boundaries on whole blocks, so the work splits the same way for any row count.
+    let blocks = out.div_ceil(BLOCK_ROWS);
+    let bounds: Vec<(usize, usize)> = (0..parts)
+        .map(|p| {
+            let first = blocks * p / parts * BLOCK_ROWS;
+            let last = (blocks * (p + 1) / parts * BLOCK_ROWS).min(out);
+            (first, last)
+        })
+        .collect();
+    let compute = |&(first, last): &(usize, usize)| {
+        let mut local = vec![0f32; n * (last - first)];
+        rows_product(x, n, k, w, first, last, &mut local);
+        local
+    };
+    let locals: Vec<Vec<f32>> = if parts == 1 {
+        vec![compute(&bounds[0])]
+    } else {
+        use rayon::prelude::*;
+        pool().install(|| bounds.par_iter().map(compute).collect())
+    };
+    let mut y = vec![0f32; n * out];
+    for ((first, last), local) in bounds.iter().zip(&locals) {
+        let width = last - first;
+        for i in 0..n {
+            y[i * out + first..i * out + last].copy_from_slice(&local[i * width..(i + 1) * width]);
+        }
+    }
+    y
+}
+
+/// Output columns `first..last` of `x Wᵀ` into `local` `[n, last - first]`.
+fn rows_product(
+    x: &[f32],
+    n: usize,
+    k: usize,
+    w: Weights<'_>,
+    first: usize,
+    last: usize,
+    local: &mut [f32],
+) {
+    let width = last - first;
+    if n <= DOT_ROWS {
+        for r in first..last {
+            for i in 0..n {
+                let xi = &x[i * k..(i + 1) * k];
+                local[i * width + r - first] = match w {
+                    Weights::F32(v) => simd::dot_f32(xi, &v[r * k..(r + 1) * k]),
+                    Weights::Bf16(v) => simd::dot_bf16(xi, &v[r * k..(r + 1) * k]),
+                };
+            }
+        }
+        return;
+    }
+    let mut widened = Vec::new();
+    let mut r = first;
+    while r < last {
+        let rows = BLOCK_ROWS.min(last - r);
+        let block: &[f32] = match w {
+            Weights::F32(v) => &v[r * k..(r + rows) * k],
+            Weights::Bf16(v) => {
+                widened.clear();
+                widened.extend(v[r * k..(r + rows) * k].iter().map(|b| b.to_f32()));
+                &widened
+            }
+        };
+        // local[:, r - first ..] = x · blockᵀ; the block is [rows, k] row-major, i.e. the
+        // rhs [k, rows] with a column stride of k.
+        // SAFETY: every pointer and stride describes memory inside the slices above: dst is
+        // n rows of `width` with `rows` columns from offset `r - first`, lhs is [n, k], rhs
+        // is [k, rows].
+        unsafe {
+            gemm::gemm(
+                n,
+                rows,
+                k,
+                local.as_mut_ptr().add(r - first),
+                1,
+                width as isize,
+                false,
+                x.as_ptr(),
+                1,
+                k as isize,
+                block.as_ptr(),
+                k as isize,
+                1,
+                0.0f32,
+                1.0f32,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+        r += rows;
+    }
+}
+
+/// Dot products in f32, eight lanes at a time: AVX2 + FMA when the CPU has them (chosen at
+/// run time), else the portable form, which `MOERGE_PORTABLE_KERNELS=1` forces.
+mod simd {
+    use std::sync::OnceLock;
+
+    use half::bf16;
+
+    const LANES: usize = 64;
+
+    fn use_avx2() -> bool {
+        static USE: OnceLock<bool> = OnceLock::new();
+        *USE.get_or_init(|| {
+            let forced = std::env::var_os("MOERGE_PORTABLE_KERNELS").is_some_and(|v| v == "1");
+            #[cfg(target_arch = "x86_64")]
+            {
+                !forced && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            {
+                let _ = forced;
+                false
+            }
+        })
+    }
+
+    macro_rules! dot {
+        ($name:ident, $w:ty, $widen:expr, $mul_add:expr) => {
+            #[inline(always)]
+            fn $name(x: &[f32], w: &[$w]) -> f32 {
+                let widen = $widen;
+                let mul_add = $mul_add;
+                let mut acc = [0f32; LANES];
+                let (xc, xt) = x.split_at(x.len() / LANES * LANES);
+                let (wc, wt) = w.split_at(xc.len());
+                for (xs, ws) in xc.chunks_exact(LANES).zip(wc.chunks_exact(LANES)) {
+                    for j in 0..LANES {
+                        acc[j] = mul_add(xs[j], widen(ws[j]), acc[j]);
+                    }
+                }
+                let mut tail = 0f32;
+                for (a, b) in xt.iter().zip(wt) {
+                    tail = mul_add(*a, widen(*b), tail);
+                }
+                // A fixed summation order: the result does not depend on where it runs.
+                let mut half = LANES / 2;
+                while half > 0 {
+                    for j in 0..half {
+                        acc[j] += acc[j + half];
+                    }
+                    half /= 2;
+                }
+                acc[0] + tail
+            }
+        };
+    }
+
+    dot!(dot_f32_plain, f32, |v: f32| v, |a: f32, b: f32, c: f32| c
+        + a * b);
+    dot!(
+        dot_bf16_plain,
+        bf16,
+        |v: bf16| f32::from_bits(u32::from(v.to_bits()) << 16),
+        |a: f32, b: f32, c: f32| c + a * b
+    );
+    dot!(dot_f32_fused, f32, |v: f32| v, |a: f32, b: f32, c: f32| a
+        .mul_add(b, c));
+    dot!(
+        dot_bf16_fused,
+        bf16,
+        |v: bf16| f32::from_bits(u32::from(v.to_bits()) << 16),
+        |a: f32, b: f32, c: f32| a.mul_add(b, c)
+    );
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    fn dot_f32_avx2(x: &[f32], w: &[f32]) -> f32 {
+        dot_f32_fused(x, w)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    fn dot_bf16_avx2(x: &[f32], w: &[bf16]) -> f32 {
+        dot_bf16_fused(x, w)
+    }
+
+    pub(super) fn dot_f32(x: &[f32], w: &[f32]) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if use_avx2() {
+            // SAFETY: the CPU has AVX2 and FMA (checked at run time).
+            return unsafe { dot_f32_avx2(x, w) };
+        }
+        dot_f32_plain(x, w)
+    }
+
+    pub(super) fn dot_bf16(x: &[f32], w: &[bf16]) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if use_avx2() {
+            // SAFETY: the CPU has AVX2 and FMA (checked at run time).
+            return unsafe { dot_bf16_avx2(x, w) };
+        }
+        dot_bf16_plain(x, w)
+    }
+
+    #[cfg(test)]
+    pub(super) fn portable(x: &[f32], w: &[bf16]) -> f32 {
+        dot_bf16_plain(x, w)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// `x Wᵀ` in f64 plain loops.
+    fn reference(x: &[f32], n: usize, k: usize, w: &[f32], out: usize) -> Vec<f64> {
+        let mut y = vec![0f64; n * out];
+        for i in 0..n {
+            for r in 0..out {
+                y[i * out + r] = (0..k)
+                    .map(|j| f64::from(x[i * k + j]) * f64::from(w[r * k + j]))
+                    .sum();
+            }
+        }
+        y
+    }
+
+    fn worst(got: &[f32], want: &[f64]) -> f64 {
+        got.iter()
+            .zip(want)
+            .map(|(g, w)| (f64::from(*g) - w).abs())
+            .fold(0.0, f64::max)
+    }
+
+    /// Odd sizes (not multiples of the lanes or the block), one and many input rows, f32
+    /// and bf16 weights, 1 to 5 threads: equal to plain loops, and bit-identical across
+    /// thread counts.
+    #[test]
+    fn products_equal_plain_loops_whatever_the_threads() {
+        for (n, k, out) in [(1, 37, 131), (3, 100, 70), (5, 129, 200), (17, 64, 65)] {
+            let x = values(n * k, 1);
+            let w = values(out * k, 2);
+            let w16: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+            let w_rounded: Vec<f32> = w16.iter().map(|v| v.to_f32()).collect();
+            let want32 = reference(&x, n, k, &w, out);
+            let want16 = reference(&x, n, k, &w_rounded, out);
+            let one32 = matmul_t(&x, n, k, Weights::F32(&w), out, 1);
+            let one16 = matmul_t(&x, n, k, Weights::Bf16(&w16), out, 1);
+            assert!(worst(&one32, &want32) < 1e-4, "f32 n={n} k={k} out={out}");
+            assert!(worst(&one16, &want16) < 1e-4, "bf16 n={n} k={k} out={out}");
+            for threads in 2..=5 {
+                assert_eq!(matmul_t(&x, n, k, Weights::F32(&w), out, threads), one32);
+                assert_eq!(matmul_t(&x, n, k, Weights::Bf16(&w16), out, threads), one16);
+            }
+        }
+    }
+
+    #[test]
+    fn the_portable_dot_equals_plain_loops() {
+        let (x, w) = (values(1000, 3), values(1000, 4));
+        let w16: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+        let want: f64 = x
+            .iter()
+            .zip(&w16)
+            .map(|(a, b)| f64::from(*a) * f64::from(b.to_f32()))
+            .sum();
+        assert!((f64::from(simd::portable(&x, &w16)) - want).abs() < 1e-4);
+    }
+
+    /// Through tensors: a layer big enough for the kernels gives candle's product (bf16
+    /// weights against candle's f32 product of the same rounded weights).
+    #[test]
+    fn a_big_layer_goes_through_the_kernels_and_equals_candle() {
+        let (n, k, out) = (6, 1024, 1030);
+        let dev = Device::Cpu;
+        let x = Tensor::from_vec(values(n * k, 5), (n, k), &dev).unwrap();
+        let w = Tensor::from_vec(values(out * k, 6), (out, k), &dev).unwrap();
+        for dtype in [DType::F32, DType::BF16] {
+            let w = w.to_dtype(dtype).unwrap();
+            let got = linear(&x, &w).unwrap().expect("big enough for the kernels");
+            let want = x
+                .matmul(&w.to_dtype(DType::F32).unwrap().t().unwrap())
+                .unwrap();
+            let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap();
+            assert!(diff.to_scalar::<f32>().unwrap() < 1e-3, "{dtype:?}");
+        }
+        // A small layer is left to candle.
+        let small = Tensor::zeros((8, k), DType::F32, &dev).unwrap();
+        assert!(linear(&x, &small).unwrap().is_none());
+    }
+}
