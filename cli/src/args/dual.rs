@@ -42,7 +42,7 @@ pub struct ModelArgs {
     #[arg(long, conflicts_with_all = ["policy", "saved"])]
     pub plan: Option<PathBuf>,
     /// Offline: compute precision.
-    #[arg(long, value_enum, default_value_t = PrecisionArg::F32)]
+    #[arg(long, value_enum, default_value_t = PrecisionArg::Auto)]
     pub precision: PrecisionArg,
     #[command(flatten)]
     pub remote: RemoteModelArgs,

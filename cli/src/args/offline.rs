@@ -118,12 +118,14 @@ pub struct LocalModelArgs {
     #[arg(long, requires = "library")]
     pub plan: Option<PathBuf>,
     /// Compute precision.
-    #[arg(long, value_enum, default_value_t = PrecisionArg::F32)]
+    #[arg(long, value_enum, default_value_t = PrecisionArg::Auto)]
     pub precision: PrecisionArg,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub enum PrecisionArg {
+    /// The checkpoint's own: bf16 for a bf16 checkpoint, else f32.
+    Auto,
     F32,
     Bf16,
 }

@@ -31,8 +31,9 @@ pub(crate) fn load(args: &LocalModelArgs) -> Result<Loaded> {
     let base_dir = source::resolve(&args.base, ModelKind::Base, &hub)
         .with_context(|| format!("--base {}", args.base))?;
     let precision = match args.precision {
-        PrecisionArg::F32 => Precision::F32,
-        PrecisionArg::Bf16 => Precision::Bf16,
+        PrecisionArg::Auto => None,
+        PrecisionArg::F32 => Some(Precision::F32),
+        PrecisionArg::Bf16 => Some(Precision::Bf16),
     };
     let adapter = match &args.adapter {
         Some(spec) => {
@@ -51,7 +52,7 @@ pub(crate) fn load(args: &LocalModelArgs) -> Result<Loaded> {
     let worker = ComputeWorker::spawn(1).context("cannot start a compute thread")?;
     let model = worker
         .submit(move || {
-            let base = BaseModel::load_dir(&base_dir, precision)?;
+            let base = BaseModel::load_dir_in(&base_dir, precision)?;
             match (&adapter, &plan) {
                 (Some(a), _) => Ok(FusedModel::Single(base.with_adapter(a)?)),
                 (None, Some(p)) => base.fuse_with(&p.plan, &p.experts, &p.tensors),

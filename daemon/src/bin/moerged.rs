@@ -15,6 +15,7 @@ use moerge_daemon::fitting::PluginRunner;
 use moerge_daemon::selection::{self, AutoRefresh, EngineRows, GreedySelector};
 use moerge_daemon::service::{default_state_dir, Service, ServiceConfig};
 use moerge_daemon::serving::{ClientLimits, Serving, ServingConfig};
+use moerge_engine::Precision;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tracing_subscriber::EnvFilter;
 
@@ -50,6 +51,10 @@ struct Args {
     /// Compute threads (scoring, generating, fusing) [default: one per core].
     #[arg(long, value_name = "N")]
     compute_threads: Option<usize>,
+    /// The base's compute precision: auto is the checkpoint's own (bf16 for a bf16
+    /// checkpoint, else f32).
+    #[arg(long, value_enum, default_value_t = PrecisionArg::Auto)]
+    precision: PrecisionArg,
     /// Live models per client.
     #[arg(long, value_name = "N", default_value_t = ClientLimits::default().models)]
     max_models: usize,
@@ -130,6 +135,11 @@ fn run(args: Args) -> anyhow::Result<()> {
     if let Some(n) = args.compute_threads {
         serving_config.compute_threads = n.max(1);
     }
+    serving_config.precision = match args.precision {
+        PrecisionArg::Auto => None,
+        PrecisionArg::F32 => Some(Precision::F32),
+        PrecisionArg::Bf16 => Some(Precision::Bf16),
+    };
     serving_config.limits = ClientLimits {
         models: args.max_models,
         jobs: args.max_jobs,
@@ -270,4 +280,12 @@ impl Signals {
             _ = self.interrupt.recv() => "SIGINT",
         }
     }
+}
+
+/// `--precision`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum PrecisionArg {
+    Auto,
+    F32,
+    Bf16,
 }

@@ -17,11 +17,15 @@ pub(crate) struct Compute {
 }
 
 impl Compute {
-    pub(crate) fn load(base: &Path, threads: usize) -> Result<Compute, ServeError> {
+    pub(crate) fn load(
+        base: &Path,
+        threads: usize,
+        precision: Option<Precision>,
+    ) -> Result<Compute, ServeError> {
         let internal = |what: &str, e: &dyn std::fmt::Display| {
             ServeError::Internal(format!("{what} {}: {e}", base.display()))
         };
-        let model = BaseModel::load_dir(base, Precision::F32)
+        let model = BaseModel::load_dir_in(base, precision)
             .map_err(|e| internal("cannot load the base model", &e))?;
         let tokenizer = TextTokenizer::from_dir(base)
             .map_err(|e| internal("cannot load the tokenizer of", &e))?;

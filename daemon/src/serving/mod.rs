@@ -58,6 +58,8 @@ pub struct ServingConfig {
     pub base: PathBuf,
     /// Compute threads (fusing, scoring, generating run there, one request per thread).
     pub compute_threads: usize,
+    /// The base's compute precision; `None`: the checkpoint's own.
+    pub precision: Option<moerge_engine::Precision>,
     pub limits: ClientLimits,
     /// The policy plugin host; `None`: `Fuse` and `Fit` are not supported.
     pub policies: Option<Arc<dyn PolicyRunner>>,
@@ -73,6 +75,7 @@ impl ServingConfig {
             library: service.library.clone(),
             base: service.base.clone(),
             compute_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            precision: None,
             limits: ClientLimits::default(),
             policies: None,
             selector: None,
@@ -105,7 +108,7 @@ impl Serving {
         config.library = config.library.canonicalize().map_err(|e| {
             ServeError::Internal(format!("library {}: {e}", config.library.display()))
         })?;
-        let compute = Compute::load(&config.base, config.compute_threads)?;
+        let compute = Compute::load(&config.base, config.compute_threads, config.precision)?;
         Ok(Serving {
             service,
             compute,

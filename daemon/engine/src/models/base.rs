@@ -25,6 +25,28 @@ pub enum Precision {
 }
 
 impl Precision {
+    /// The precision a checkpoint is stored in: bf16 when its linear weights are bf16, else
+    /// f32 (an f16 checkpoint is served in f32: bf16 would drop three bits of every weight).
+    pub fn of_checkpoint(info: &BaseModelInfo) -> Precision {
+        let bf16 = info
+            .linear_modules()
+            .values()
+            .any(|l| l.dtype == moerge_library::Dtype::BF16);
+        if bf16 {
+            Precision::Bf16
+        } else {
+            Precision::F32
+        }
+    }
+
+    /// `f32` or `bf16`, as `--precision` takes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+
     pub(crate) fn dtype(self) -> DType {
         match self {
             Precision::F32 => DType::F32,
@@ -87,12 +109,10 @@ impl BaseModel {
     /// [`BaseModel::load`] onto `device`: every tensor of every request on this model lives
     /// there.
     pub fn load_on(info: BaseModelInfo, precision: Precision, device: &Device) -> Result<Self> {
-        // SAFETY: the weight files are memory-mapped read-only. Like every mmap user we
-        // rely on nobody truncating them while the model is loaded; candle copies each
-        // tensor out of the map when it is fetched, so later edits cannot tear a forward.
-        let vb = unsafe {
-            VarBuilder::from_mmaped_safetensors(info.weight_files(), precision.dtype(), device)?
-        };
+        // Tensors are copied out of the files as they are read, so later edits of the files
+        // cannot tear a forward, and the mapped checkpoint is never resident beside them.
+        let tensors = super::load::read_weights(info.weight_files(), precision.dtype(), device)?;
+        let vb = VarBuilder::from_tensors(tensors, precision.dtype(), device);
         Self::from_var_builder(info, precision, vb)
     }
 
@@ -123,6 +143,13 @@ impl BaseModel {
     /// Reads the folder's headers and loads it; see [`BaseModel::load`].
     pub fn load_dir(dir: &Path, precision: Precision) -> Result<Self> {
         Self::load(BaseModelInfo::from_dir(dir)?, precision)
+    }
+
+    /// [`BaseModel::load_dir`] in `precision`, or in the checkpoint's own when `None`.
+    pub fn load_dir_in(dir: &Path, precision: Option<Precision>) -> Result<Self> {
+        let info = BaseModelInfo::from_dir(dir)?;
+        let precision = precision.unwrap_or_else(|| Precision::of_checkpoint(&info));
+        Self::load(info, precision)
     }
 
     /// What the folder's headers said about this model.

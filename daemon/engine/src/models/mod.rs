@@ -5,6 +5,7 @@
 mod base;
 mod config;
 mod llama;
+mod load;
 mod phi;
 
 use candle_core::{Device, Tensor};
