@@ -108,92 +108,103 @@ pub(crate) fn matmul_t(
             (first, last)
         })
         .collect();
+    let mut y = vec![0f32; n * out];
+    let dst = Dst(y.as_mut_ptr());
     let compute = |&(first, last): &(usize, usize)| {
-        let mut local = vec![0f32; n * (last - first)];
-        rows_product(x, n, k, w, first, last, &mut local);
-        local
+        // SAFETY: parts own disjoint column ranges `first..last` of `y` ([n, out]), which
+        // outlives the calls; nothing else touches `y` meanwhile.
+        unsafe { rows_product(x, n, k, w, (first, last), &dst, out) }
     };
-    let locals: Vec<Vec<f32>> = if parts == 1 {
-        vec![compute(&bounds[0])]
+    if parts == 1 {
+        compute(&bounds[0]);
     } else {
         use rayon::prelude::*;
-        pool().install(|| bounds.par_iter().map(compute).collect())
-    };
-    let mut y = vec![0f32; n * out];
-    for ((first, last), local) in bounds.iter().zip(&locals) {
-        let width = last - first;
-        for i in 0..n {
-            y[i * out + first..i * out + last].copy_from_slice(&local[i * width..(i + 1) * width]);
-        }
+        pool().install(|| bounds.par_iter().for_each(compute));
     }
     y
 }
 
-/// Output columns `first..last` of `x Wᵀ` into `local` `[n, last - first]`.
-fn rows_product(
+/// The output buffer, shared by the parts that fill disjoint columns of it.
+struct Dst(*mut f32);
+// SAFETY: parts write disjoint elements (see `matmul_t`).
+unsafe impl Sync for Dst {}
+
+thread_local! {
+    /// A block of weight rows widened to f32, kept between calls so a prompt's products do
+    /// not fault in fresh pages for it every time (scratch only: no request state).
+    static WIDENED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Output columns `first..last` of `x Wᵀ` into `dst` (`[n, out]` row-major).
+///
+/// # Safety
+/// `dst` must point to `n * out` floats of which no one else touches columns `first..last`.
+unsafe fn rows_product(
     x: &[f32],
     n: usize,
     k: usize,
     w: Weights<'_>,
-    first: usize,
-    last: usize,
-    local: &mut [f32],
+    (first, last): (usize, usize),
+    dst: &Dst,
+    out: usize,
 ) {
-    let width = last - first;
     if n <= DOT_ROWS {
         for r in first..last {
             for i in 0..n {
                 let xi = &x[i * k..(i + 1) * k];
-                local[i * width + r - first] = match w {
+                let v = match w {
                     Weights::F32(v) => simd::dot_f32(xi, &v[r * k..(r + 1) * k]),
                     Weights::Bf16(v) => simd::dot_bf16(xi, &v[r * k..(r + 1) * k]),
                 };
+                // SAFETY: within the caller's columns of `dst`.
+                unsafe { *dst.0.add(i * out + r) = v };
             }
         }
         return;
     }
-    let mut widened = Vec::new();
-    let mut r = first;
-    while r < last {
-        let rows = BLOCK_ROWS.min(last - r);
-        let block: &[f32] = match w {
-            Weights::F32(v) => &v[r * k..(r + rows) * k],
-            Weights::Bf16(v) => {
-                widened.clear();
-                widened.extend(v[r * k..(r + rows) * k].iter().map(|b| b.to_f32()));
-                &widened
+    WIDENED.with(|widened| {
+        let mut widened = widened.borrow_mut();
+        let mut r = first;
+        while r < last {
+            let rows = BLOCK_ROWS.min(last - r);
+            let block: &[f32] = match w {
+                Weights::F32(v) => &v[r * k..(r + rows) * k],
+                Weights::Bf16(v) => {
+                    widened.clear();
+                    widened.extend(v[r * k..(r + rows) * k].iter().map(|b| b.to_f32()));
+                    &widened
+                }
+            };
+            // dst[:, r ..] = x · blockᵀ; the block is [rows, k] row-major, i.e. the rhs
+            // [k, rows] with a column stride of k.
+            // SAFETY: dst is [n, out] with these `rows` columns from `r` inside the caller's
+            // range, lhs is [n, k], rhs is [k, rows].
+            unsafe {
+                gemm::gemm(
+                    n,
+                    rows,
+                    k,
+                    dst.0.add(r),
+                    1,
+                    out as isize,
+                    false,
+                    x.as_ptr(),
+                    1,
+                    k as isize,
+                    block.as_ptr(),
+                    k as isize,
+                    1,
+                    0.0f32,
+                    1.0f32,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
             }
-        };
-        // local[:, r - first ..] = x · blockᵀ; the block is [rows, k] row-major, i.e. the
-        // rhs [k, rows] with a column stride of k.
-        // SAFETY: every pointer and stride describes memory inside the slices above: dst is
-        // n rows of `width` with `rows` columns from offset `r - first`, lhs is [n, k], rhs
-        // is [k, rows].
-        unsafe {
-            gemm::gemm(
-                n,
-                rows,
-                k,
-                local.as_mut_ptr().add(r - first),
-                1,
-                width as isize,
-                false,
-                x.as_ptr(),
-                1,
-                k as isize,
-                block.as_ptr(),
-                k as isize,
-                1,
-                0.0f32,
-                1.0f32,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
+            r += rows;
         }
-        r += rows;
-    }
+    });
 }
 
 /// Dot products in f32, eight lanes at a time: AVX2 + FMA when the CPU has them (chosen at

@@ -12,13 +12,20 @@ use candle_core::Tensor;
 use super::state::{Cut, ForwardState, MemberPart};
 use crate::error::{EngineError, Result};
 
+/// Set (to 1) by [`prefer_data_parallelism`] when it, not the user, set `RAYON_NUM_THREADS`:
+/// child processes inherit both, and must not take ours for a user's cap.
+const OURS: &str = "MOERGE_SET_RAYON_NUM_THREADS";
+
 /// Makes candle run each op on the calling thread (`RAYON_NUM_THREADS` and
 /// `CANDLE_NUM_THREADS` = 1, unless the user set them), so the engine parallelises across
-/// batch rows instead. Call it at the very start of `main`, before any thread exists: it
-/// changes the process environment.
+/// batch rows instead; the engine's own kernels still use every core. Call it at the very
+/// start of `main`, before any thread exists: it changes the process environment.
 pub fn prefer_data_parallelism() {
     // What the user asked for, read before it is overwritten below.
     user_thread_cap();
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        std::env::set_var(OURS, "1");
+    }
     for var in ["RAYON_NUM_THREADS", "CANDLE_NUM_THREADS"] {
         if std::env::var_os(var).is_none() {
             std::env::set_var(var, "1");
@@ -26,11 +33,15 @@ pub fn prefer_data_parallelism() {
     }
 }
 
-/// The thread count the user set with `RAYON_NUM_THREADS` (before
-/// [`prefer_data_parallelism`] set it to 1 for candle), if any: it caps the kernels' threads.
+/// The thread count the user set with `RAYON_NUM_THREADS` (not the 1 that
+/// [`prefer_data_parallelism`] sets for candle, here or in a parent process), if any: it
+/// caps the kernels' threads.
 pub(crate) fn user_thread_cap() -> Option<usize> {
     static CAP: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
     *CAP.get_or_init(|| {
+        if std::env::var_os(OURS).is_some() {
+            return None;
+        }
         std::env::var("RAYON_NUM_THREADS")
             .ok()
             .and_then(|v| v.parse::<usize>().ok())
