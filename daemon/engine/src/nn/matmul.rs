@@ -24,6 +24,14 @@ const DOT_ROWS: usize = 4;
 /// Weight rows widened and multiplied at a time on the `gemm` path.
 const BLOCK_ROWS: usize = 64;
 
+/// The input rows as the kernels read them: f32, or bf16 (a bf16 model's activations,
+/// multiplied by bf16 weights without widening when the CPU has AVX-512 BF16).
+#[derive(Clone, Copy)]
+pub(crate) enum Rows<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [bf16]),
+}
+
 /// The weights of a layer as the kernels read them.
 #[derive(Clone, Copy)]
 pub(crate) enum Weights<'a> {
@@ -46,20 +54,34 @@ pub(crate) fn linear(x2: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
         return Ok(None);
     }
     let n = x2.dim(0)?;
-    let xf = x2.to_dtype(DType::F32)?.contiguous()?;
-    let (x_storage, x_layout) = xf.storage_and_layout();
+    // A few bf16 rows against bf16 weights stay bf16 where the CPU multiplies them natively.
+    let native = n <= DOT_ROWS
+        && x2.dtype() == DType::BF16
+        && w.dtype() == DType::BF16
+        && simd::native_bf16();
+    let xc = if native {
+        x2.contiguous()?
+    } else {
+        x2.to_dtype(DType::F32)?.contiguous()?
+    };
+    let (x_storage, x_layout) = xc.storage_and_layout();
     let (w_storage, w_layout) = w.storage_and_layout();
-    let (Storage::Cpu(CpuStorage::F32(xv)), Storage::Cpu(ws)) = (&*x_storage, &*w_storage) else {
+    let (Storage::Cpu(xs), Storage::Cpu(ws)) = (&*x_storage, &*w_storage) else {
         return Ok(None);
     };
-    let x = &xv[x_layout.start_offset()..x_layout.start_offset() + n * k];
+    let xr = x_layout.start_offset()..x_layout.start_offset() + n * k;
+    let rows = match xs {
+        CpuStorage::F32(v) => Rows::F32(&v[xr]),
+        CpuStorage::BF16(v) => Rows::Bf16(&v[xr]),
+        _ => return Ok(None),
+    };
     let start = w_layout.start_offset();
     let weights = match ws {
         CpuStorage::F32(v) => Weights::F32(&v[start..start + out * k]),
         CpuStorage::BF16(v) => Weights::Bf16(&v[start..start + out * k]),
         _ => return Ok(None),
     };
-    let y = matmul_t(x, n, k, weights, out, compute_threads());
+    let y = matmul_t(rows, n, k, weights, out, compute_threads());
     drop((x_storage, w_storage));
     Ok(Some(
         Tensor::from_vec(y, (n, out), x2.device())?.to_dtype(x2.dtype())?,
@@ -91,7 +113,7 @@ fn pool() -> &'static rayon::ThreadPool {
 
 /// `y [n, out] = x [n, k] · Wᵀ` with the output rows of `W` split into `threads` parts.
 pub(crate) fn matmul_t(
-    x: &[f32],
+    x: Rows<'_>,
     n: usize,
     k: usize,
     w: Weights<'_>,
@@ -140,7 +162,7 @@ thread_local! {
 /// # Safety
 /// `dst` must point to `n * out` floats of which no one else touches columns `first..last`.
 unsafe fn rows_product(
-    x: &[f32],
+    x: Rows<'_>,
     n: usize,
     k: usize,
     w: Weights<'_>,
@@ -148,6 +170,23 @@ unsafe fn rows_product(
     dst: &Dst,
     out: usize,
 ) {
+    let x = match x {
+        Rows::F32(x) => x,
+        Rows::Bf16(x) => {
+            // Only a few rows against bf16 weights come as bf16 (see `linear`).
+            let Weights::Bf16(w) = w else {
+                unreachable!("bf16 rows go with bf16 weights")
+            };
+            for r in first..last {
+                for i in 0..n {
+                    let v = simd::dot_bf16_bf16(&x[i * k..(i + 1) * k], &w[r * k..(r + 1) * k]);
+                    // SAFETY: within the caller's columns of `dst`.
+                    unsafe { *dst.0.add(i * out + r) = v };
+                }
+            }
+            return;
+        }
+    };
     if n <= DOT_ROWS {
         for r in first..last {
             for i in 0..n {
@@ -310,6 +349,78 @@ mod simd {
         dot_bf16_plain(x, w)
     }
 
+    /// Whether the CPU multiplies bf16 pairs natively (AVX-512 BF16), unless
+    /// `MOERGE_PORTABLE_KERNELS=1`.
+    pub(super) fn native_bf16() -> bool {
+        static USE: OnceLock<bool> = OnceLock::new();
+        *USE.get_or_init(|| {
+            let forced = std::env::var_os("MOERGE_PORTABLE_KERNELS").is_some_and(|v| v == "1");
+            #[cfg(target_arch = "x86_64")]
+            {
+                !forced
+                    && is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bf16")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            {
+                let _ = forced;
+                false
+            }
+        })
+    }
+
+    /// `x · w` for bf16 `x` and `w`, accumulated in f32: `vdpbf16ps` on 32 pairs at a time
+    /// where the CPU has it, else both widened.
+    pub(super) fn dot_bf16_bf16(x: &[bf16], w: &[bf16]) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if native_bf16() {
+            // SAFETY: the CPU has AVX-512F and AVX-512 BF16 (checked at run time).
+            return unsafe { dot_bf16_bf16_avx512(x, w) };
+        }
+        dot_bf16_bf16_plain(x, w)
+    }
+
+    /// The portable form of [`dot_bf16_bf16`].
+    pub(super) fn dot_bf16_bf16_plain(x: &[bf16], w: &[bf16]) -> f32 {
+        let x: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+        dot_bf16_plain(&x, w)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    fn dot_bf16_bf16_avx512(x: &[bf16], w: &[bf16]) -> f32 {
+        use std::arch::x86_64::{
+            __m512bh, __m512i, _mm512_add_ps, _mm512_dpbf16_ps, _mm512_loadu_si512,
+            _mm512_reduce_add_ps, _mm512_setzero_ps,
+        };
+        const STEP: usize = 32;
+        const UNROLL: usize = 4;
+        let full = x.len() / (STEP * UNROLL) * (STEP * UNROLL);
+        let mut acc = [_mm512_setzero_ps(); UNROLL];
+        let load = |s: &[bf16], at: usize| -> __m512bh {
+            // SAFETY: `at + STEP <= full <= s.len()`; unaligned loads are allowed.
+            unsafe {
+                std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
+                    s.as_ptr().add(at).cast(),
+                ))
+            }
+        };
+        let mut at = 0;
+        while at < full {
+            for (u, a) in acc.iter_mut().enumerate() {
+                let off = at + u * STEP;
+                *a = _mm512_dpbf16_ps(*a, load(x, off), load(w, off));
+            }
+            at += STEP * UNROLL;
+        }
+        let sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+        let mut total = _mm512_reduce_add_ps(sum);
+        for (a, b) in x[full..].iter().zip(&w[full..]) {
+            total += a.to_f32() * b.to_f32();
+        }
+        total
+    }
+
     #[cfg(test)]
     pub(super) fn portable(x: &[f32], w: &[bf16]) -> f32 {
         dot_bf16_plain(x, w)
@@ -365,20 +476,56 @@ mod tests {
             let w_rounded: Vec<f32> = w16.iter().map(|v| v.to_f32()).collect();
             let want32 = reference(&x, n, k, &w, out);
             let want16 = reference(&x, n, k, &w_rounded, out);
-            let one32 = matmul_t(&x, n, k, Weights::F32(&w), out, 1);
-            let one16 = matmul_t(&x, n, k, Weights::Bf16(&w16), out, 1);
+            let one32 = matmul_t(Rows::F32(&x), n, k, Weights::F32(&w), out, 1);
+            let one16 = matmul_t(Rows::F32(&x), n, k, Weights::Bf16(&w16), out, 1);
             assert!(worst(&one32, &want32) < 1e-4, "f32 n={n} k={k} out={out}");
             assert!(worst(&one16, &want16) < 1e-4, "bf16 n={n} k={k} out={out}");
             for threads in 2..=5 {
-                assert_eq!(matmul_t(&x, n, k, Weights::F32(&w), out, threads), one32);
-                assert_eq!(matmul_t(&x, n, k, Weights::Bf16(&w16), out, threads), one16);
+                assert_eq!(
+                    matmul_t(Rows::F32(&x), n, k, Weights::F32(&w), out, threads),
+                    one32
+                );
+                assert_eq!(
+                    matmul_t(Rows::F32(&x), n, k, Weights::Bf16(&w16), out, threads),
+                    one16
+                );
+            }
+        }
+    }
+
+    /// bf16 rows against bf16 weights (native where the CPU has AVX-512 BF16): plain loops
+    /// over the same bf16 values, any thread count, sizes that do not fill the unrolled steps.
+    #[test]
+    fn bf16_rows_equal_plain_loops_whatever_the_threads() {
+        for (n, k, out) in [(1, 300, 77), (2, 128, 129), (4, 1000, 64)] {
+            let x16: Vec<bf16> = values(n * k, 7)
+                .iter()
+                .map(|&v| bf16::from_f32(v))
+                .collect();
+            let w16: Vec<bf16> = values(out * k, 8)
+                .iter()
+                .map(|&v| bf16::from_f32(v))
+                .collect();
+            let x32: Vec<f32> = x16.iter().map(|v| v.to_f32()).collect();
+            let w32: Vec<f32> = w16.iter().map(|v| v.to_f32()).collect();
+            let want = reference(&x32, n, k, &w32, out);
+            let one = matmul_t(Rows::Bf16(&x16), n, k, Weights::Bf16(&w16), out, 1);
+            assert!(worst(&one, &want) < 1e-4, "n={n} k={k} out={out}");
+            for threads in 2..=3 {
+                assert_eq!(
+                    matmul_t(Rows::Bf16(&x16), n, k, Weights::Bf16(&w16), out, threads),
+                    one
+                );
             }
         }
     }
 
     #[test]
-    fn the_portable_dot_equals_plain_loops() {
+    fn the_portable_dots_equal_plain_loops() {
+        // Both forms run here whatever the CPU (the dispatching ones pick the native form
+        // where there is one, which the other tests cover).
         let (x, w) = (values(1000, 3), values(1000, 4));
+        let x16: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
         let w16: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
         let want: f64 = x
             .iter()
@@ -386,6 +533,13 @@ mod tests {
             .map(|(a, b)| f64::from(*a) * f64::from(b.to_f32()))
             .sum();
         assert!((f64::from(simd::portable(&x, &w16)) - want).abs() < 1e-4);
+        let want: f64 = x16
+            .iter()
+            .zip(&w16)
+            .map(|(a, b)| f64::from(a.to_f32()) * f64::from(b.to_f32()))
+            .sum();
+        assert!((f64::from(simd::dot_bf16_bf16_plain(&x16, &w16)) - want).abs() < 1e-4);
+        assert!((f64::from(simd::dot_bf16_bf16(&x16, &w16)) - want).abs() < 1e-4);
     }
 
     /// Through tensors: a layer big enough for the kernels gives candle's product (bf16
