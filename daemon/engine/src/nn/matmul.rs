@@ -272,15 +272,17 @@ mod simd {
     }
 
     macro_rules! dot {
-        ($name:ident, $w:ty, $widen:expr, $mul_add:expr) => {
+        ($name:ident, $w:ty, $widen:expr, $mul_add:expr, $prefetch:expr) => {
             #[inline(always)]
             fn $name(x: &[f32], w: &[$w]) -> f32 {
                 let widen = $widen;
                 let mul_add = $mul_add;
+                let prefetch = $prefetch;
                 let mut acc = [0f32; LANES];
                 let (xc, xt) = x.split_at(x.len() / LANES * LANES);
                 let (wc, wt) = w.split_at(xc.len());
                 for (xs, ws) in xc.chunks_exact(LANES).zip(wc.chunks_exact(LANES)) {
+                    prefetch(ws);
                     for j in 0..LANES {
                         acc[j] = mul_add(xs[j], widen(ws[j]), acc[j]);
                     }
@@ -302,21 +304,56 @@ mod simd {
         };
     }
 
-    dot!(dot_f32_plain, f32, |v: f32| v, |a: f32, b: f32, c: f32| c
-        + a * b);
+    /// Leaves the weights to the hardware prefetcher.
+    fn no_prefetch<T>(_: &[T]) {}
+
+    /// Asks for the weights `AHEAD_BYTES` past this step's: the hardware prefetcher alone
+    /// left the stream at about half the memory's read speed.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    fn prefetch_ahead<T>(step: &[T]) {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        const AHEAD_BYTES: usize = 2048;
+        let base = step.as_ptr().cast::<i8>().wrapping_add(AHEAD_BYTES);
+        for line in (0..std::mem::size_of_val(step)).step_by(64) {
+            // SAFETY: a prefetch never faults, whatever the address.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(line)) };
+        }
+    }
+
+    fn widen_bf16(v: bf16) -> f32 {
+        f32::from_bits(u32::from(v.to_bits()) << 16)
+    }
+
+    dot!(
+        dot_f32_plain,
+        f32,
+        |v: f32| v,
+        |a: f32, b: f32, c: f32| c + a * b,
+        no_prefetch::<f32>
+    );
     dot!(
         dot_bf16_plain,
         bf16,
-        |v: bf16| f32::from_bits(u32::from(v.to_bits()) << 16),
-        |a: f32, b: f32, c: f32| c + a * b
+        widen_bf16,
+        |a: f32, b: f32, c: f32| c + a * b,
+        no_prefetch::<bf16>
     );
-    dot!(dot_f32_fused, f32, |v: f32| v, |a: f32, b: f32, c: f32| a
-        .mul_add(b, c));
+    #[cfg(target_arch = "x86_64")]
+    dot!(
+        dot_f32_fused,
+        f32,
+        |v: f32| v,
+        |a: f32, b: f32, c: f32| a.mul_add(b, c),
+        prefetch_ahead::<f32>
+    );
+    #[cfg(target_arch = "x86_64")]
     dot!(
         dot_bf16_fused,
         bf16,
-        |v: bf16| f32::from_bits(u32::from(v.to_bits()) << 16),
-        |a: f32, b: f32, c: f32| a.mul_add(b, c)
+        widen_bf16,
+        |a: f32, b: f32, c: f32| a.mul_add(b, c),
+        prefetch_ahead::<bf16>
     );
 
     #[cfg(target_arch = "x86_64")]
@@ -391,9 +428,10 @@ mod simd {
     fn dot_bf16_bf16_avx512(x: &[bf16], w: &[bf16]) -> f32 {
         use std::arch::x86_64::{
             __m512bh, __m512i, _mm512_add_ps, _mm512_dpbf16_ps, _mm512_loadu_si512,
-            _mm512_reduce_add_ps, _mm512_setzero_ps,
+            _mm512_reduce_add_ps, _mm512_setzero_ps, _mm_prefetch, _MM_HINT_T0,
         };
         const STEP: usize = 32;
+        const AHEAD: usize = 1024;
         const UNROLL: usize = 4;
         let full = x.len() / (STEP * UNROLL) * (STEP * UNROLL);
         let mut acc = [_mm512_setzero_ps(); UNROLL];
@@ -407,6 +445,10 @@ mod simd {
         };
         let mut at = 0;
         while at < full {
+            // Ask for the weights a few steps ahead: the hardware prefetcher alone left the
+            // stream at about half the memory's read speed.
+            _mm_prefetch::<_MM_HINT_T0>(w.as_ptr().wrapping_add(at + AHEAD).cast());
+            _mm_prefetch::<_MM_HINT_T0>(w.as_ptr().wrapping_add(at + AHEAD + 32).cast());
             for (u, a) in acc.iter_mut().enumerate() {
                 let off = at + u * STEP;
                 *a = _mm512_dpbf16_ps(*a, load(x, off), load(w, off));
