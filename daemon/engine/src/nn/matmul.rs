@@ -14,6 +14,7 @@ use std::sync::OnceLock;
 
 use candle_core::{CpuStorage, DType, Storage, Tensor};
 use half::bf16;
+use half::slice::HalfFloatSliceExt;
 
 use crate::error::Result;
 
@@ -209,9 +210,10 @@ unsafe fn rows_product(
             let block: &[f32] = match w {
                 Weights::F32(v) => &v[r * k..(r + rows) * k],
                 Weights::Bf16(v) => {
-                    widened.clear();
-                    widened.extend(v[r * k..(r + rows) * k].iter().map(|b| b.to_f32()));
-                    &widened
+                    // half's slice conversion is vectorised (F16C/AVX-512 where present).
+                    widened.resize(rows * k, 0.0);
+                    v[r * k..(r + rows) * k].convert_to_f32_slice(&mut widened[..rows * k]);
+                    &widened[..rows * k]
                 }
             };
             // dst[:, r ..] = x · blockᵀ; the block is [rows, k] row-major, i.e. the rhs

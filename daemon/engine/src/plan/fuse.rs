@@ -256,7 +256,8 @@ impl BaseModel {
         }
         let device = self.device().clone();
         let merged = merge::merged_modules(plan, experts, tensors, &device)?;
-        let routed = routing::routed_modules(plan, experts, tensors, &device)?;
+        let dtype = self.precision().dtype();
+        let routed = routing::routed_modules(plan, experts, tensors, &device, dtype)?;
         let mut model = self.clone();
         let mut by_name = model.linears_by_name_mut();
         let not_a_layer = |module: &str| EngineError::InvalidArgument {

@@ -51,20 +51,22 @@ pub(crate) enum Stacks {
     Factors(FactorStacks),
 }
 
-/// Every module `plan` routes, with its stacked factors and router, on `device`. Learned
-/// routers read their matrices from `tensors`.
+/// Every module `plan` routes, with its stacked factors and router, on `device` in `dtype`
+/// (the model's: converted once here, not at every forward). Learned routers read their
+/// matrices from `tensors`.
 pub(crate) fn routed_modules(
     plan: &Plan,
     experts: &[Adapter],
     tensors: &TensorMap,
     device: &Device,
+    dtype: DType,
 ) -> Result<BTreeMap<String, RoutedModule>> {
     check_experts(plan, experts)?;
     let modules: BTreeSet<&String> = experts.iter().flat_map(|e| e.modules().keys()).collect();
     let mut out = BTreeMap::new();
     for module in modules {
         if let Some(routed) = routed_module(module, plan, experts, tensors, device)? {
-            out.insert(module.clone(), routed);
+            out.insert(module.clone(), routed.into_dtype(dtype)?);
         }
     }
     Ok(out)
@@ -306,6 +308,37 @@ impl LowRankUpdate for RoutedModule {
 }
 
 impl RoutedModule {
+    /// The same module with its matrices in `dtype` (the sums and the softmax still run in
+    /// f32 at every forward).
+    fn into_dtype(self, dtype: DType) -> Result<Self> {
+        let scorer = match self.scorer {
+            Scorer::Arrow { prototypes } => Scorer::Arrow {
+                prototypes: prototypes.to_dtype(dtype)?,
+            },
+            Scorer::Learned { weight, bias } => Scorer::Learned {
+                weight: weight.to_dtype(dtype)?,
+                bias: bias.map(|b| b.to_dtype(dtype)).transpose()?,
+            },
+        };
+        let stacks = match self.stacks {
+            Stacks::Outputs(s) => Stacks::Outputs(ColumnStacks {
+                a_stack: s.a_stack.to_dtype(dtype)?,
+                b_stack: s.b_stack.to_dtype(dtype)?,
+                cols: s.cols.to_dtype(dtype)?,
+            }),
+            Stacks::Factors(f) => Stacks::Factors(FactorStacks {
+                a_cat: f.a_cat.to_dtype(dtype)?,
+                b_cat: f.b_cat.to_dtype(dtype)?,
+                rank: f.rank,
+            }),
+        };
+        Ok(RoutedModule {
+            scorer,
+            stacks,
+            ..self
+        })
+    }
+
     /// As an update a layer can carry.
     pub(crate) fn into_update(self) -> Arc<dyn LowRankUpdate> {
         Arc::new(self)
