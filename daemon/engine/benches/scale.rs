@@ -28,6 +28,8 @@
 mod cases;
 #[path = "scale/checkpoint.rs"]
 mod checkpoint;
+#[path = "../tests/common/mod.rs"]
+mod common;
 #[path = "scale/writer.rs"]
 mod writer;
 

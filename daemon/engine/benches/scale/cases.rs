@@ -8,8 +8,7 @@ use candle_core::{Tensor, D};
 use moerge_engine::{BaseModel, ForwardState, FusedModel, LanguageModel, Precision};
 use moerge_library::Adapter;
 use moerge_sdk::plan::{
-    Ensemble, EnsembleLevel, ExpertRef, Granularity, MergeSpace, ModulePlan, Plan, Router,
-    PLAN_VERSION,
+    Ensemble, EnsembleLevel, Granularity, MergeSpace, ModulePlan, Plan, Router,
 };
 use serde::{Deserialize, Serialize};
 
@@ -90,18 +89,8 @@ pub struct Measured {
 
 fn plan(experts: &[Adapter], default: ModulePlan, ensemble: Option<Ensemble>) -> Plan {
     Plan {
-        version: PLAN_VERSION,
-        experts: experts
-            .iter()
-            .map(|e| ExpertRef {
-                name: e.name().into(),
-                hash: e.hash().to_string(),
-            })
-            .collect(),
-        default,
-        modules: Default::default(),
         ensemble,
-        tensors: None,
+        ..super::common::plan_of(experts, default)
     }
 }
 
