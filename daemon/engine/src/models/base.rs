@@ -189,13 +189,30 @@ impl BaseModel {
 
     /// Logits `[b, t, vocab]` (f32) for token ids `[b, t]` continuing the request `state`.
     pub fn forward(&self, ids: &Tensor, state: &mut ForwardState) -> Result<Tensor> {
-        threads::split_batch(ids, state, |ids, state| self.forward_rows(ids, state))
+        threads::split_batch(ids, state, self.rows_apart(ids)?, |ids, state| {
+            self.forward_rows(ids, state)
+        })
     }
 
     /// Logits of the last position only, `[b, vocab]` (f32): what generation needs, without
     /// projecting every prompt position onto the vocabulary.
     pub fn forward_last(&self, ids: &Tensor, state: &mut ForwardState) -> Result<Tensor> {
-        threads::split_batch(ids, state, |ids, state| self.forward_last_rows(ids, state))
+        threads::split_batch(ids, state, self.rows_apart(ids)?, |ids, state| {
+            self.forward_last_rows(ids, state)
+        })
+    }
+
+    /// Whether a forward of `ids` `[b, t]` should split its rows over threads. A model with
+    /// layers big enough for the engine's kernels (which spread each product over every
+    /// core) splits only a prompt (`t > 1`, where the products are compute-bound and the rest
+    /// of the step gains from the split too); one decoding step (`t = 1`) is memory-bound, and
+    /// split rows would read every weight once per part.
+    pub(crate) fn rows_apart(&self, ids: &Tensor) -> Result<bool> {
+        let big = self
+            .linears()
+            .iter()
+            .any(|l| crate::nn::uses_kernels(l.shape(), self.device()));
+        Ok(!big || ids.dim(1)? > 1)
     }
 
     /// [`BaseModel::forward`] on the calling thread only (the caller splits the batch).

@@ -40,15 +40,20 @@ pub(crate) enum Weights<'a> {
     Bf16(&'a [bf16]),
 }
 
+/// Whether a layer of `(out, in)` on `device` is multiplied by these kernels (when it tracks
+/// no gradients): big enough, on the CPU.
+pub(crate) fn uses_kernels((out, inp): (usize, usize), device: &candle_core::Device) -> bool {
+    device.is_cpu() && out * inp >= MIN_WEIGHTS
+}
+
 /// `x2 Wᵀ` `[n, out]` in `x2`'s dtype for `x2` `[n, in]` and `w` `[out, in]`, through the
 /// engine's kernels; `None` when candle should do it (gradients are tracked, the layer is
 /// small, the device is not the CPU, or the dtype is another).
 pub(crate) fn linear(x2: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     let (out, k) = w.dims2()?;
-    if !x2.device().is_cpu()
+    if !uses_kernels((out, k), x2.device())
         || x2.track_op()
         || w.track_op()
-        || out * k < MIN_WEIGHTS
         || !matches!(w.dtype(), DType::F32 | DType::BF16)
         || !w.is_contiguous()
     {

@@ -17,6 +17,7 @@ mod top_k;
 pub(crate) use attention::{Heads, SelfAttention};
 pub use linear::AdapterLinear;
 pub(crate) use linear::{LowRankUpdate, UpdateInput};
+pub(crate) use matmul::uses_kernels;
 pub(crate) use norm::Norm;
 pub(crate) use rope::{default_inv_freq, RotaryTables};
 pub use state::{ForwardState, RoutingRecord};

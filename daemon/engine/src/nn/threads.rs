@@ -49,16 +49,17 @@ pub(crate) fn user_thread_cap() -> Option<usize> {
     })
 }
 
-/// Threads to split a batch of `rows` over: as many as the request asked for, else only when
-/// candle itself runs single-threaded.
-fn data_parallel_threads(rows: usize, state: &ForwardState) -> usize {
+/// Threads to split a batch of `rows` over: as many as the request asked for, else none when
+/// the model's products already use every core (`rows_apart` false: splitting would read its
+/// weights once per part) or candle runs multithreaded, else one per core.
+fn data_parallel_threads(rows: usize, state: &ForwardState, rows_apart: bool) -> usize {
     if rows < 2 {
         return 1;
     }
     if let Some(n) = state.threads() {
         return n.min(rows);
     }
-    if candle_core::utils::get_num_threads() > 1 {
+    if !rows_apart || candle_core::utils::get_num_threads() > 1 {
         return 1;
     }
     std::thread::available_parallelism()
@@ -68,13 +69,18 @@ fn data_parallel_threads(rows: usize, state: &ForwardState) -> usize {
 
 /// Runs `f` on contiguous parts of the batch in parallel (or once, on the whole batch) and
 /// joins the outputs and the states along the batch.
-pub(crate) fn split_batch<F>(ids: &Tensor, state: &mut ForwardState, f: F) -> Result<Tensor>
+pub(crate) fn split_batch<F>(
+    ids: &Tensor,
+    state: &mut ForwardState,
+    rows_apart: bool,
+    f: F,
+) -> Result<Tensor>
 where
     F: Fn(&Tensor, &mut ForwardState) -> Result<Tensor> + Sync,
 {
     let sizes = shares(
         ids.dim(0)?,
-        data_parallel_threads(ids.dim(0)?, state).max(1),
+        data_parallel_threads(ids.dim(0)?, state, rows_apart).max(1),
     );
     if sizes.len() <= 1 {
         return f(ids, state);
@@ -95,13 +101,17 @@ pub(crate) fn split_blocks<F>(
     blocks: usize,
     ids: &Tensor,
     state: &mut ForwardState,
+    rows_apart: bool,
     f: F,
 ) -> Result<Tensor>
 where
     F: Fn(&Tensor, &mut ForwardState) -> Result<Tensor> + Sync,
 {
     let block = ids.dim(0)? / blocks.max(1);
-    let counts = shares(blocks, data_parallel_threads(blocks, state).max(1));
+    let counts = shares(
+        blocks,
+        data_parallel_threads(blocks, state, rows_apart).max(1),
+    );
     if counts.len() <= 1 {
         state.set_member_part(Some(MemberPart {
             first: 0,
@@ -178,8 +188,8 @@ mod tests {
         let next = Tensor::new(&[[1u32], [2], [3], [4], [5]], &dev).unwrap();
         let run = |threads: usize| {
             let mut cache = ForwardState::new().with_threads(threads);
-            let a = split_batch(&first, &mut cache, step).unwrap();
-            let b = split_batch(&next, &mut cache, step).unwrap();
+            let a = split_batch(&first, &mut cache, true, step).unwrap();
+            let b = split_batch(&next, &mut cache, true, step).unwrap();
             (
                 a.to_vec1::<f32>().unwrap(),
                 b.to_vec1::<f32>().unwrap(),

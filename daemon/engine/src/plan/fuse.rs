@@ -93,7 +93,8 @@ impl EnsembleModel {
         let m = self.members.len();
         let b = ids.dim(0)?;
         let repeated = Tensor::cat(&vec![ids; m], 0)?;
-        let out = threads::split_blocks(m, &repeated, state, |ids, state| {
+        let rows_apart = stacked.rows_apart(ids)?;
+        let out = threads::split_blocks(m, &repeated, state, rows_apart, |ids, state| {
             if last_only {
                 stacked.forward_last_rows(ids, state)
             } else {
