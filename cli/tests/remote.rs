@@ -38,6 +38,19 @@ fn status_and_the_expert_commands() {
     let status = d.json(&["status", "--json"]);
     assert_eq!(status["status"], "serving");
     assert_eq!(status["base_model"], "base");
+    // An f32 checkpoint is served in f32 by default (`--precision auto`).
+    assert_eq!(status["precision"], "f32");
+    // The daemon holds at least its base model's weights.
+    let weights: u64 = std::fs::read_dir(tiny().join("base"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .sum();
+    assert!(
+        status["resident_bytes"].as_u64().unwrap() > weights,
+        "{status} vs {weights} bytes of weights"
+    );
     assert_eq!(status["expert_count"], 3);
     assert_eq!(status["ready_experts"], 3);
     assert_eq!(status["models"].as_array().unwrap().len(), 0);

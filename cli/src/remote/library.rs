@@ -14,6 +14,8 @@ use crate::exit::DaemonError;
 struct Status {
     status: String,
     base_model: String,
+    precision: String,
+    resident_bytes: u64,
     generation: u64,
     expert_count: u32,
     ready_experts: usize,
@@ -27,6 +29,8 @@ pub async fn status(args: &StatusArgs) -> Result<()> {
     let status = Status {
         status: daemon.status().await?,
         base_model: daemon.base_model().await?,
+        precision: daemon.precision().await?,
+        resident_bytes: daemon.resident_bytes().await?,
         generation: daemon.generation().await?,
         expert_count: daemon.expert_count().await?,
         ready_experts: experts.iter().filter(|e| e.state == "ready").count(),
@@ -37,7 +41,8 @@ pub async fn status(args: &StatusArgs) -> Result<()> {
         return json(&status);
     }
     println!("daemon       {}", status.status);
-    println!("base model   {}", status.base_model);
+    println!("base model   {} ({})", status.base_model, status.precision);
+    println!("memory       {} resident", bytes(status.resident_bytes));
     println!("generation   {}", status.generation);
     println!(
         "experts      {} ({} ready){}",

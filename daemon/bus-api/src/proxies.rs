@@ -87,6 +87,12 @@ pub trait Daemon1 {
     /// The base model's folder name.
     #[zbus(property)]
     fn base_model(&self) -> zbus::Result<String>;
+    /// The base model's compute precision: `f32` or `bf16`.
+    #[zbus(property)]
+    fn precision(&self) -> zbus::Result<String>;
+    /// The daemon's resident memory in bytes.
+    #[zbus(property)]
+    fn resident_bytes(&self) -> zbus::Result<u64>;
     /// How many experts the library has (ready or not).
     #[zbus(property)]
     fn expert_count(&self) -> zbus::Result<u32>;

@@ -286,6 +286,18 @@ impl Daemon1 {
         self.state.serving.base_name()
     }
 
+    /// The base model's compute precision: `f32` or `bf16` (`moerged --precision`).
+    #[zbus(property(emits_changed_signal = "const"))]
+    async fn precision(&self) -> String {
+        self.state.serving.base_precision().into()
+    }
+
+    /// The daemon's resident memory in bytes, read when asked.
+    #[zbus(property(emits_changed_signal = "false"))]
+    async fn resident_bytes(&self) -> u64 {
+        self.state.serving.resident_bytes()
+    }
+
     /// How many experts the library has, ready or not.
     #[zbus(property)]
     async fn expert_count(&self) -> u32 {

@@ -140,6 +140,22 @@ impl Serving {
         self.compute.base.info().name().to_string()
     }
 
+    /// The base model's compute precision: `f32` or `bf16`.
+    pub fn base_precision(&self) -> &'static str {
+        self.compute.base.precision().name()
+    }
+
+    /// The daemon's resident memory in bytes (`VmRSS` of `/proc/self/status`; 0 where the
+    /// kernel does not say).
+    pub fn resident_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    }
+
     /// The loaded base model and tokenizer, for the hooks.
     pub fn engine(&self) -> hooks::Engine {
         hooks::Engine {
