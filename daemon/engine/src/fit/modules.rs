@@ -183,6 +183,7 @@ impl Fit<'_> {
             a_stack,
             b_stack,
             cols: expert_cols,
+            ranges,
         } = ColumnStacks::new(&units, inp, out, dev)?;
         match mplan {
             ModulePlan::Static { weights, space, .. } => {
@@ -226,6 +227,7 @@ impl Fit<'_> {
                         a_stack,
                         b_stack,
                         cols: expert_cols,
+                        ranges,
                     };
                     self.group_columns(&stacks, groups, &entry, vars)?
                 };

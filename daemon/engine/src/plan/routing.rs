@@ -291,9 +291,10 @@ impl LowRankUpdate for RoutedModule {
         let coeffs = coeffs.to_dtype(dtype)?;
         match &self.stacks {
             Stacks::Outputs(s) => {
-                let xa = x2.matmul(&s.a_stack.to_dtype(dtype)?)?;
-                let weighted = (xa * coeffs.matmul(&s.cols.to_dtype(dtype)?)?)?;
-                Ok(weighted.matmul(&s.b_stack.to_dtype(dtype)?)?)
+                let (a, b, cols, coeffs) = s.kept(&coeffs)?;
+                let xa = x2.matmul(&a.to_dtype(dtype)?)?;
+                let weighted = (xa * coeffs.matmul(&cols.to_dtype(dtype)?)?)?;
+                Ok(weighted.matmul(&b.to_dtype(dtype)?)?)
             }
             Stacks::Factors(f) => {
                 let f = FactorStacks {
@@ -325,6 +326,7 @@ impl RoutedModule {
                 a_stack: s.a_stack.to_dtype(dtype)?,
                 b_stack: s.b_stack.to_dtype(dtype)?,
                 cols: s.cols.to_dtype(dtype)?,
+                ranges: s.ranges,
             }),
             Stacks::Factors(f) => Stacks::Factors(FactorStacks {
                 a_cat: f.a_cat.to_dtype(dtype)?,

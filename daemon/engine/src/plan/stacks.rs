@@ -3,7 +3,7 @@
 //! per-unit factor stacks of factor mixing with [`mix_factors`]. Serving (`routing`) and
 //! fitting (the `fit` layer) build theirs here.
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use moerge_library::{Adapter, LoraModule};
 
 use super::plan_error;
@@ -22,6 +22,8 @@ pub(crate) struct ColumnStacks {
     pub b_stack: Tensor,
     /// `[U, Σr]`: 1 where a column belongs to the unit (a unit without the module has none).
     pub cols: Tensor,
+    /// Each unit's columns.
+    pub ranges: Vec<std::ops::Range<usize>>,
 }
 
 impl ColumnStacks {
@@ -37,7 +39,9 @@ impl ColumnStacks {
         let mut b_stack = vec![0f32; total * out];
         let mut cols = vec![0f32; units.len() * total];
         let mut offset = 0;
+        let mut ranges = Vec::with_capacity(units.len());
         for (row, parts) in units.iter().enumerate() {
+            let start = offset;
             for (w, e, m) in parts {
                 let a = e.tensor_f32(&m.a); // r × in
                 let b = e.tensor_f32(&m.b); // out × r
@@ -53,12 +57,50 @@ impl ColumnStacks {
                 }
                 offset += m.rank;
             }
+            ranges.push(start..offset);
         }
         Ok(ColumnStacks {
             a_stack: Tensor::from_vec(a_stack, (inp, total), device)?,
             b_stack: Tensor::from_vec(b_stack, (total, out), device)?,
             cols: Tensor::from_vec(cols, (units.len(), total), device)?,
+            ranges,
         })
+    }
+
+    /// The stacks of only the units some row of `coeffs` `[n, U]` weighs (the others are
+    /// exactly 0 outside the top-k), with those units' weights: `(a, b, cols, coeffs)`. At
+    /// decode a top-k of many units then reads k units' factors, not all of them.
+    pub(crate) fn kept(&self, coeffs: &Tensor) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
+        let rows = coeffs.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        let used: Vec<u32> = (0..self.ranges.len())
+            .filter(|&u| rows.iter().any(|r| r[u] != 0.0))
+            .map(|u| u as u32)
+            .collect();
+        if used.len() == self.ranges.len() {
+            return Ok((
+                self.a_stack.clone(),
+                self.b_stack.clone(),
+                self.cols.clone(),
+                coeffs.clone(),
+            ));
+        }
+        let columns: Vec<u32> = used
+            .iter()
+            .flat_map(|&u| self.ranges[u as usize].clone().map(|c| c as u32))
+            .collect();
+        let device = coeffs.device();
+        let (used, columns) = (
+            Tensor::new(used.as_slice(), device)?,
+            Tensor::new(columns.as_slice(), device)?,
+        );
+        Ok((
+            self.a_stack.index_select(&columns, 1)?,
+            self.b_stack.index_select(&columns, 0)?,
+            self.cols
+                .index_select(&used, 0)?
+                .index_select(&columns, 1)?,
+            coeffs.index_select(&used, 1)?,
+        ))
     }
 }
 
@@ -155,6 +197,59 @@ impl FactorStacks {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The update from only the weighed units' columns equals the update from all of them.
+    #[test]
+    fn kept_units_give_the_update_of_every_unit() {
+        let dev = Device::Cpu;
+        let (inp, out) = (6, 5);
+        let ranges = vec![0..2, 2..5, 5..5, 5..7]; // unit 2 lacks the module
+        let total = 7;
+        let mut cols = vec![0f32; 4 * total];
+        for (u, r) in ranges.iter().enumerate() {
+            for c in r.clone() {
+                cols[u * total + c] = 1.0;
+            }
+        }
+        let values = |n: usize, seed: u32| -> Vec<f32> {
+            (0..n)
+                .map(|i| ((i as u32 * 37 + seed) % 23) as f32 / 11.0 - 1.0)
+                .collect()
+        };
+        let stacks = ColumnStacks {
+            a_stack: Tensor::from_vec(values(inp * total, 3), (inp, total), &dev).unwrap(),
+            b_stack: Tensor::from_vec(values(total * out, 5), (total, out), &dev).unwrap(),
+            cols: Tensor::from_vec(cols, (4, total), &dev).unwrap(),
+            ranges,
+        };
+        let x = Tensor::from_vec(values(3 * inp, 7), (3, inp), &dev).unwrap();
+        let update = |a: &Tensor, b: &Tensor, cols: &Tensor, c: &Tensor| {
+            let xa = x.matmul(a).unwrap();
+            (xa * c.matmul(cols).unwrap()).unwrap().matmul(b).unwrap()
+        };
+        let full = |c: &Tensor| update(&stacks.a_stack, &stacks.b_stack, &stacks.cols, c);
+        // Unit 1 weighs nothing on any row: it is left out; then every unit is weighed.
+        for coeffs in [
+            vec![
+                0.7f32, 0.0, 0.0, 0.3, 0.5, 0.0, 0.0, 0.5, 0.0, 0.0, 0.0, 1.0,
+            ],
+            vec![
+                0.7f32, 0.1, 0.0, 0.2, 0.5, 0.0, 0.0, 0.5, 0.0, 0.0, 0.4, 0.6,
+            ],
+        ] {
+            let c = Tensor::from_vec(coeffs, (3, 4), &dev).unwrap();
+            let (a, b, cols, kc) = stacks.kept(&c).unwrap();
+            let got = update(&a, &b, &cols, &kc);
+            let diff = (got - full(&c)).unwrap().abs().unwrap().max_all().unwrap();
+            assert!(diff.to_scalar::<f32>().unwrap() < 1e-6);
+        }
+        let c = Tensor::from_vec(vec![0.7f32, 0.0, 0.0, 0.3], (1, 4), &dev).unwrap();
+        assert_eq!(
+            stacks.kept(&c).unwrap().0.dims(),
+            &[inp, 4],
+            "units 0 and 3: 2 + 2 columns"
+        );
+    }
 
     /// Factor mixing in plain loops: `h = Σ_u c_u A'_u x`, `y = Σ_u c_u B'_u h`.
     #[test]
