@@ -95,6 +95,9 @@ pub struct BaseModel {
     precision: Precision,
     device: Device,
     vocab_size: usize,
+    /// Whether some layer is big enough for the engine's parallel kernels (see
+    /// [`BaseModel::rows_apart`]); fixed by the base's shapes and device.
+    kernel_sized: bool,
     /// Name of the attached adapter, if any.
     adapter: Option<String>,
 }
@@ -130,14 +133,20 @@ impl BaseModel {
             Family::Phi(m) => m.config().vocab_size,
             Family::Llama(m) => m.config().vocab_size,
         };
-        Ok(Self {
+        let mut model = Self {
             info: Arc::new(info),
             family,
             precision,
             device,
             vocab_size,
+            kernel_sized: false,
             adapter: None,
-        })
+        };
+        model.kernel_sized = model
+            .linears()
+            .iter()
+            .any(|l| crate::nn::uses_kernels(l.shape(), &model.device));
+        Ok(model)
     }
 
     /// Reads the folder's headers and loads it; see [`BaseModel::load`].
@@ -208,11 +217,7 @@ impl BaseModel {
     /// of the step gains from the split too); one decoding step (`t = 1`) is memory-bound, and
     /// split rows would read every weight once per part.
     pub(crate) fn rows_apart(&self, ids: &Tensor) -> Result<bool> {
-        let big = self
-            .linears()
-            .iter()
-            .any(|l| crate::nn::uses_kernels(l.shape(), self.device()));
-        Ok(!big || ids.dim(1)? > 1)
+        Ok(!self.kernel_sized || ids.dim(1)? > 1)
     }
 
     /// [`BaseModel::forward`] on the calling thread only (the caller splits the batch).
@@ -331,7 +336,7 @@ impl BaseModel {
             layer.set_lora(&a, &b, lora.scale)?;
         }
         drop(by_name);
-        model.adapter = Some(adapter.name().to_string());
+        model.set_adapter_name(adapter.name().to_string());
         Ok(model)
     }
 }

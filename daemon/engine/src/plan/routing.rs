@@ -291,7 +291,12 @@ impl LowRankUpdate for RoutedModule {
         let coeffs = coeffs.to_dtype(dtype)?;
         match &self.stacks {
             Stacks::Outputs(s) => {
-                let (a, b, cols, coeffs) = s.kept(&coeffs)?;
+                // Only a top-k leaves units out: then gather the ones some row weighs.
+                let (a, b, cols, coeffs) = if self.top_k < self.units.len() {
+                    s.kept(&coeffs)?
+                } else {
+                    (s.a_stack.clone(), s.b_stack.clone(), s.cols.clone(), coeffs)
+                };
                 let xa = x2.matmul(&a.to_dtype(dtype)?)?;
                 let weighted = (xa * coeffs.matmul(&cols.to_dtype(dtype)?)?)?;
                 Ok(weighted.matmul(&b.to_dtype(dtype)?)?)
